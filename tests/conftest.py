@@ -1,0 +1,24 @@
+"""Shared fixtures: float64 for brute-force references, and small random flows."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import flax_relgrad as fr
+
+
+@pytest.fixture
+def float64():
+  """Runs the test with 64-bit JAX types (restored afterwards for the rest of the suite)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def random_flow_params(model: fr.FlowMLP, width: int, seed: int, scale: float = 0.3):
+  """Params of `model` for width D, moved away from the orthogonal init so no term vanishes."""
+  init_batch = jnp.zeros((2, width), model.param_dtype)
+  params = model.init(jax.random.PRNGKey(seed), init_batch)["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  noisy = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, noisy)
