@@ -1,0 +1,1 @@
+"""Scaling benchmark: time per training step against the width D (`python -m experiments.scaling`)."""
