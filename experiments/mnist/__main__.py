@@ -1,0 +1,36 @@
+"""`python -m experiments.mnist --workdir=runs/mnist [--config.learning_rate=3e-4 ...]`."""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.mnist import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and samples.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
+                  "train: train (resuming if the workdir has a checkpoint), then test the best "
+                  "checkpoint; evaluate: only test the best checkpoint.")
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"), "Training configuration file.", lock_config=True
+)
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.mode == "train":
+    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    metrics = train.evaluate_best(FLAGS.config, FLAGS.workdir)
+  print(
+      f"test LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} logit nats, "
+      f"{metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim (best checkpoint, step {metrics['step']})"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,87 @@
+"""Orbax checkpoints of a training run: the latest state (resume) and the best parameters.
+
+Both live under `<workdir>/checkpoints/` and are written atomically by Orbax (a crash leaves
+the previous checkpoint intact). `<workdir>/config.json` records the config that made them,
+so a later run with another model or dataset is refused instead of silently mixing states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+PyTree = Any
+MODEL_FIELDS = ("dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam")
+"""Config fields that must match for checkpoints to be reusable."""
+
+
+class RunCheckpoints:
+  """`latest` keeps the last two full train states; `best` keeps the best-by-validation params."""
+
+  def __init__(self, workdir: str):
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax needs absolute paths.
+    self.latest = ocp.CheckpointManager(
+        os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    )
+
+  def save_latest(self, step: int, state: PyTree) -> None:
+    self.latest.save(step, args=ocp.args.StandardSave(state))
+
+  def save_best(self, step: int, params: PyTree, validation_ll: float) -> None:
+    self.best.save(step, args=ocp.args.StandardSave({"params": params}),
+                   metrics={"validation_ll": validation_ll})
+
+  def restore_latest(self, abstract_state: PyTree) -> PyTree | None:
+    """The latest train state, or None on a fresh workdir."""
+    return None if self.latest.latest_step() is None else _restore(self.latest, abstract_state)
+
+  def restore_best_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
+    """(step, params) of the best checkpoint."""
+    if self.best.latest_step() is None:
+      raise FileNotFoundError(f"No best checkpoint in {self.best.directory}; train first with this --workdir.")
+    return self.best.latest_step(), _restore(self.best, {"params": abstract_params})["params"]
+
+  def wait_until_finished(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+
+def _restore(manager: ocp.CheckpointManager, abstract: PyTree) -> PyTree:
+  step = manager.latest_step()
+  try:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as error:  # Orbax raises several types for unreadable or mismatched data.
+    raise ValueError(
+        f"Cannot restore the checkpoint at step {step} in {manager.directory} "
+        f"({type(error).__name__}: {str(error)[:300]}). It is corrupt or was written by "
+        "another model; delete it or use a fresh --workdir."
+    ) from error
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json on a fresh workdir; on reuse, refuses a different model or dataset."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as file:
+      saved = json.load(file)
+    changed = {k: (saved.get(k), current[k]) for k in MODEL_FIELDS if saved.get(k) != current[k]}
+    if changed:
+      raise ValueError(
+          f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "
+          "(saved, now)); use a fresh --workdir or the config it was trained with."
+      )
+  os.makedirs(workdir, exist_ok=True)
+  temporary = path + ".tmp"
+  with open(temporary, "w") as file:
+    json.dump(current, file, indent=2)
+  os.replace(temporary, path)

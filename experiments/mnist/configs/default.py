@@ -1,0 +1,35 @@
+"""The paper's MNIST configuration (Gresele et al., 2020): 2 dense layers, batch 10, Adam 1e-4."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data (ENGINEERING.md §2).
+  config.dataset = "mnist"
+  config.image_shape = (28, 28, 1)
+  config.train_split = "train[:50000]"
+  config.validation_split = "train[50000:]"
+  config.test_split = "test"
+  config.data_dir = ""  # tfds data_dir; "" = tfds' default (~/tensorflow_datasets).
+  config.manual_dir = ""  # Folder with the original files, to prepare tfds offline.
+  config.download = False  # Let tfds download the dataset if it is not prepared.
+  config.lam = 1e-6  # Logit transform y = logit(λ + (1−2λ)x).
+  # Model.
+  config.num_layers = 2
+  config.alpha = 0.01  # Smooth leaky ReLU slope.
+  config.use_bias = True
+  config.kernel_init = "orthogonal"  # or "near_identity"
+  # Optimisation.
+  config.learning_rate = 1e-4
+  config.batch_size = 10
+  config.num_epochs = 10
+  config.patience = 5  # Evaluations without validation improvement before stopping.
+  config.seed = 0
+  # Logging, evaluation, checkpoints.
+  config.log_every_steps = 500
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 0  # Extra resumable checkpoints between evaluations (0: none).
+  config.eval_batch_size = 1000
+  config.num_samples = 64  # Samples in the image grid written at each evaluation.
+  return config

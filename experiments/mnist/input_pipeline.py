@@ -1,0 +1,176 @@
+"""tfds image datasets → dequantised, logit-transformed batches (ENGINEERING.md §2).
+
+Pixels p ∈ {0..255} become x = (p + u)/256 with u ~ U[0, 1), then y = logit(λ + (1−2λ)x).
+Training noise is fresh every epoch but a pure function of (seed, epoch, batch index), so a
+resumed run sees exactly the batches an uninterrupted run would. Evaluation noise is fixed
+by the seed, so validation and test numbers are reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+TRAIN_NOISE, VALIDATION_NOISE, TEST_NOISE = 0, 1, 2
+"""Independent noise streams for the three splits."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The tfds dataset is not prepared and the config gives no way to prepare it offline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """The three splits as cached uint8 image datasets, and their sizes."""
+
+  train: tf.data.Dataset
+  validation: tf.data.Dataset
+  test: tf.data.Dataset
+  num_train: int
+  image_shape: tuple[int, int, int]
+
+  @property
+  def num_features(self) -> int:
+    return math.prod(self.image_shape)
+
+
+def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  try:
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise DatasetNotFoundError(
+        f"tfds has no dataset named {config.dataset!r} (config.dataset); check the spelling."
+    ) from error
+  if builder.is_prepared():
+    return builder
+  if config.manual_dir:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir)
+    )
+  elif config.download:
+    builder.download_and_prepare()
+  else:
+    raise DatasetNotFoundError(
+        f"Dataset {config.dataset!r} is not prepared in data_dir {builder.data_dir!r}. "
+        "Either set --config.manual_dir to a folder holding the dataset's original files "
+        "(for MNIST the four IDX .gz files, e.g. ../shared/datasets/mnist), or "
+        "--config.download=True to let tfds download it, or --config.data_dir to where it "
+        "is already prepared."
+    )
+  return builder
+
+
+def _images(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  return builder.as_dataset(split=split).map(lambda example: example["image"]).cache()
+
+
+def _count(dataset: tf.data.Dataset) -> int:
+  cardinality = int(dataset.cardinality())
+  if cardinality >= 0:
+    return cardinality
+  return int(dataset.reduce(0, lambda count, _: count + 1))
+
+
+def load_splits(config: ml_collections.ConfigDict) -> Splits:
+  """Loads train/validation/test splits of `config.dataset`, checking the image format."""
+  builder = _builder(config)
+  image_feature = builder.info.features["image"]
+  image_shape = tuple(image_feature.shape)
+  if image_shape != tuple(config.image_shape) or image_feature.dtype != tf.uint8:
+    raise ValueError(
+        f"Dataset {config.dataset!r} has {image_feature.dtype.name} images of shape "
+        f"{image_shape}, but config.image_shape is {tuple(config.image_shape)} uint8; this "
+        "program models uint8 images of the configured shape."
+    )
+  train = _images(builder, config.train_split)
+  return Splits(
+      train=train,
+      validation=_images(builder, config.validation_split),
+      test=_images(builder, config.test_split),
+      num_train=_count(train),
+      image_shape=image_shape,
+  )
+
+
+def dequantize_and_logit(images: tf.Tensor, noise: tf.Tensor, lam: float) -> tf.Tensor:
+  """uint8 images (B, H, W, C) and noise U[0,1) of the same shape → y (B, H·W·C) float32."""
+  x = (tf.cast(images, tf.float32) + noise) / 256.0
+  s = lam + (1.0 - 2.0 * lam) * x
+  y = tf.math.log(s) - tf.math.log1p(-s)
+  return tf.reshape(y, (tf.shape(images)[0], -1))
+
+
+def logit_to_pixels(y: jax.Array, lam: float) -> jax.Array:
+  """Inverse of the logit transform: y → x ∈ [0, 1] (clipped), same shape."""
+  return jnp.clip((jax.nn.sigmoid(y) - lam) / (1.0 - 2.0 * lam), 0.0, 1.0)
+
+
+def bits_per_dim(log_prob_logit: jax.Array, y: jax.Array, lam: float) -> jax.Array:
+  """Per-example bits/dim of the pixels from log p(y) in logit space (ENGINEERING.md §2).
+
+  log p(pixels) = log p(y) + D·log(1−2λ) − Σ_i log(s_i(1−s_i)) − D·log 256, s = sigmoid(y).
+  """
+  num_features = y.shape[-1]
+  log_jacobian = jax.nn.log_sigmoid(y) + jax.nn.log_sigmoid(-y)
+  log_prob_pixels = (
+      log_prob_logit + num_features * math.log1p(-2.0 * lam) - log_jacobian.sum(-1)
+      - num_features * math.log(256.0)
+  )
+  return -log_prob_pixels / (num_features * math.log(2.0))
+
+
+def _noise(shape: tf.Tensor, seed: int, stream: int, *counters: tf.Tensor) -> tf.Tensor:
+  """U[0,1) noise that is a pure function of (seed, stream, counters)."""
+  key = tf.stack([tf.cast(seed, tf.int64), tf.cast(stream, tf.int64)])
+  for counter in counters:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(counter, tf.int64))
+  return tf.random.stateless_uniform(shape, seed=key, dtype=tf.float32)
+
+
+def train_batches(
+    splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0
+) -> tf.data.Dataset:
+  """One epoch of shuffled, freshly dequantised training batches y (B, D), remainder dropped.
+
+  The order and noise depend only on (config.seed, epoch, batch index); `skip_batches` skips
+  the first batches of the epoch (for resuming), giving the same later batches.
+  """
+  seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+  dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
+  dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
+  return dataset.map(
+      lambda index, images: dequantize_and_logit(
+          images, _noise(tf.shape(images), config.seed, TRAIN_NOISE, epoch, index), config.lam
+      ),
+      num_parallel_calls=tf.data.AUTOTUNE,
+  ).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_array(
+    dataset: tf.data.Dataset, config: ml_collections.ConfigDict, noise_stream: int
+) -> np.ndarray:
+  """A whole evaluation split as y (N, D), dequantised with fixed seeded noise."""
+  batches = dataset.batch(1000).enumerate().map(
+      lambda index, images: dequantize_and_logit(
+          images, _noise(tf.shape(images), config.seed, noise_stream, index), config.lam
+      )
+  )
+  return np.concatenate(list(batches.as_numpy_iterator()), axis=0)
+
+
+def prefetch_to_device(batches: tf.data.Dataset, size: int = 2) -> Iterator[jax.Array]:
+  """Yields batches already transferred with `jax.device_put`, `size` ahead of the consumer."""
+  queue = []
+  for batch in batches.as_numpy_iterator():
+    queue.append(jax.device_put(batch))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue

@@ -1,0 +1,321 @@
+"""Maximum-likelihood training of a dense flow on tfds images with relative gradients.
+
+`train_and_evaluate(config, workdir)` runs the CLU loop: jitted relative-gradient steps,
+TensorBoard metrics, sample grids, Orbax checkpoints (latest state for resuming, best
+parameters by validation likelihood), early stopping, and a final test evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import ml_collections
+import numpy as np
+import optax
+
+import flax_relgrad as fr
+from experiments.mnist import checkpoints
+from experiments.mnist import input_pipeline
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs, as one checkpointable pytree."""
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  loss_sum: jax.Array  # Σ of the per-step losses since the last log (reset at each log).
+  first_nonfinite_step: jax.Array  # −1 until a step's loss is not finite.
+  best_validation_ll: jax.Array
+  evals_since_best: jax.Array
+
+
+def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
+  kernel_inits = {"orthogonal": jax.nn.initializers.orthogonal(), "near_identity": fr.near_identity()}
+  if config.kernel_init not in kernel_inits:
+    raise ValueError(
+        f"config.kernel_init={config.kernel_init!r} is not one of {sorted(kernel_inits)}."
+    )
+  return fr.FlowMLP(
+      num_layers=config.num_layers,
+      activation=fr.SmoothLeakyReLU(config.alpha),
+      use_bias=config.use_bias,
+      kernel_init=kernel_inits[config.kernel_init],
+  )
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(fr.relative_jacobian(), optax.adam(config.learning_rate))
+
+
+def initial_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int) -> TrainState:
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, num_features)))["params"]
+  return TrainState(
+      step=jnp.array(0, jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      loss_sum=jnp.array(0.0, jnp.float32),
+      first_nonfinite_step=jnp.array(-1, jnp.int32),
+      best_validation_ll=jnp.array(-jnp.inf, jnp.float32),
+      evals_since_best=jnp.array(0, jnp.int32),
+  )
+
+
+def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
+  """A jitted step (state, y (B, D)) → state; it donates the old state's buffers."""
+
+  def train_step(state: TrainState, batch: jax.Array) -> TrainState:
+    loss, grads, extra = fr.value_and_relative_grad_args(model, state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    first_bad = jnp.where(
+        (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1, state.first_nonfinite_step
+    )
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        loss_sum=state.loss_sum + loss,
+        first_nonfinite_step=first_bad,
+    )
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: fr.FlowMLP, lam: float):
+  """A jitted (params, y (N, D)) → (log p(y) in logit nats (N,), bits/dim of the pixels (N,))."""
+
+  def eval_step(params: PyTree, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    log_prob = model.apply({"params": params}, y, method=fr.FlowMLP.log_prob)
+    return log_prob, input_pipeline.bits_per_dim(log_prob, y, lam)
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params: PyTree, y: jax.Array, batch_size: int) -> dict[str, float]:
+  """Mean log-likelihood (logit nats) and bits/dim with 2 standard errors, over y (N, D)."""
+  batches = [eval_step(params, y[start:start + batch_size]) for start in range(0, y.shape[0], batch_size)]
+  log_probs, bpds = (np.concatenate([np.asarray(batch[i]) for batch in batches]) for i in (0, 1))
+  two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+  return {
+      "ll": float(log_probs.mean()), "ll_2se": two_se(log_probs),
+      "bpd": float(bpds.mean()), "bpd_2se": two_se(bpds),
+  }
+
+
+def kernel_diagnostics(params: PyTree) -> dict[str, float]:
+  """Per-layer log|det W| and condition number, from the eigenvalues of WᵀW in float64.
+
+  O(D³) each: for evaluations only. (Squaring the singular values is accurate enough in
+  float64 for the condition numbers a trainable flow has.)
+  """
+  diagnostics = {}
+  for name, layer in params.items():
+    kernel = np.asarray(layer["kernel"], np.float64)
+    singular_values = np.sqrt(np.linalg.eigvalsh(kernel.T @ kernel))
+    diagnostics[f"kernels/{name}/log_abs_det"] = float(np.log(singular_values).sum())
+    diagnostics[f"kernels/{name}/condition"] = float(singular_values[-1] / singular_values[0])
+  return diagnostics
+
+
+def make_sampler(model: fr.FlowMLP, num_samples: int, image_shape: tuple[int, int, int], lam: float):
+  """A jitted (params, rng) → images (num_samples, H, W, C) in [0, 1]: inverse flow, inverse logit."""
+
+  def sample(params: PyTree, rng: jax.Array) -> jax.Array:
+    y = model.apply({"params": params}, rng, num_samples, method=fr.FlowMLP.sample)
+    pixels = jnp.nan_to_num(input_pipeline.logit_to_pixels(y, lam), nan=0.0)
+    return pixels.reshape(num_samples, *image_shape)
+
+  return jax.jit(sample)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """Tiles images (N, H, W, C) into one (rows·H, columns·W, C) grid, about square."""
+  count, height, width, channels = images.shape
+  columns = math.ceil(math.sqrt(count))
+  rows = math.ceil(count / columns)
+  padded = np.zeros((rows * columns, height, width, channels), images.dtype)
+  padded[:count] = images
+  grid = padded.reshape(rows, columns, height, width, channels).transpose(0, 2, 1, 3, 4)
+  return grid.reshape(rows * height, columns * width, channels)
+
+
+def save_png(path: str, grid: np.ndarray) -> None:
+  """Writes a (H, W, C) grid in [0, 1] as a PNG, atomically."""
+  temporary = path + ".tmp.png"
+  image = grid[..., 0] if grid.shape[-1] == 1 else grid
+  plt.imsave(temporary, image, cmap="gray", vmin=0.0, vmax=1.0)
+  os.replace(temporary, path)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first out-of-range field."""
+  for field in ("batch_size", "num_epochs", "log_every_steps", "eval_every_epochs", "eval_batch_size", "num_samples"):
+    if int(config[field]) < 1:
+      raise ValueError(f"config.{field} must be a positive integer, got {config[field]}.")
+  if config.checkpoint_every_steps < 0:
+    raise ValueError(f"config.checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}.")
+  if not 0.0 < config.lam < 0.5:
+    raise ValueError(f"config.lam must lie in (0, 0.5), got {config.lam}.")
+  if not config.learning_rate > 0:
+    raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
+
+
+class _Run:
+  """One training run: the model, its jitted functions, data, writer and checkpoints."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, splits: input_pipeline.Splits):
+    self.config, self.workdir, self.splits = config, workdir, splits
+    self.model, self.tx = create_model(config), create_optimizer(config)
+    self.steps_per_epoch = splits.num_train // config.batch_size
+    if self.steps_per_epoch < 1:
+      raise ValueError(f"The training split has {splits.num_train} examples, fewer than one batch.")
+    self.total_steps = self.steps_per_epoch * config.num_epochs
+    self.eval_every_steps = self.steps_per_epoch * config.eval_every_epochs
+    self.checkpoints = checkpoints.RunCheckpoints(workdir)
+    self.writer = None  # Created by `train`: evaluation alone writes no event file.
+    self.train_step = make_train_step(self.model, self.tx)
+    self.eval_step = make_eval_step(self.model, config.lam)
+    self.sample = make_sampler(self.model, config.num_samples, splits.image_shape, config.lam)
+    self.kernel_log_det = jax.jit(
+        lambda params: self.model.apply({"params": params}, method=fr.FlowMLP.kernel_log_abs_det)
+    )
+
+  def initial_or_restored_state(self) -> TrainState:
+    make_state = lambda: initial_state(self.model, self.tx, self.splits.num_features, self.config.seed)
+    state = self.checkpoints.restore_latest(jax.eval_shape(make_state))
+    if state is None:
+      return make_state()
+    logging.info("Resumed from step %d.", int(state.step))
+    return state.replace(loss_sum=jnp.zeros_like(state.loss_sum))  # Its window began before the restart.
+
+  def train(self, state: TrainState) -> TrainState:
+    """Train steps from `state.step` until `num_epochs` or early stopping."""
+    config = self.config
+    self.writer = metric_writers.create_default_writer(self.workdir, just_logging=jax.process_index() > 0)
+    if int(state.step) == 0:
+      self.writer.write_hparams({k: str(v) if isinstance(v, tuple) else v for k, v in config.items()})
+    report_progress = periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.writer)
+    validation_y = jax.device_put(
+        input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE)
+    )
+    step = int(state.step)
+    last_log_step, last_log_time = step, time.perf_counter()
+    stop = int(state.evals_since_best) >= config.patience
+    while step < self.total_steps and not stop:
+      epoch, skip = divmod(step, self.steps_per_epoch)
+      batches = input_pipeline.train_batches(self.splits, config, epoch, skip)
+      for batch in input_pipeline.prefetch_to_device(batches):
+        state = self.train_step(state, batch)
+        step += 1
+        report_progress(step)
+        is_eval_step = step % self.eval_every_steps == 0
+        if step % config.log_every_steps == 0 or is_eval_step:
+          self._raise_if_nonfinite(state)
+          now = time.perf_counter()
+          loss_mean = float(state.loss_sum) / (step - last_log_step)
+          self.writer.write_scalars(step, {
+              "train/nll": loss_mean - float(self.kernel_log_det(state.params)),
+              "train/examples_per_sec": (step - last_log_step) * config.batch_size / (now - last_log_time),
+          })
+          state = state.replace(loss_sum=jnp.zeros_like(state.loss_sum))
+          last_log_step, last_log_time = step, now
+        if is_eval_step:
+          state = self._evaluate_and_checkpoint(state, validation_y)
+          stop = int(state.evals_since_best) >= config.patience
+          last_log_time = time.perf_counter()  # Evaluation time is not training throughput.
+        elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          self._raise_if_nonfinite(state)
+          self.checkpoints.save_latest(step, state)
+        if step >= self.total_steps or stop:
+          break
+    return state
+
+  def _raise_if_nonfinite(self, state: TrainState) -> None:
+    bad_step = int(state.first_nonfinite_step)
+    if bad_step >= 0:
+      self.checkpoints.wait_until_finished()
+      raise FloatingPointError(
+          f"The training loss became non-finite at step {bad_step}. Nothing after the last good "
+          f"checkpoint (step {self.checkpoints.latest.latest_step()} in "
+          f"{self.checkpoints.latest.directory}) was saved; lower config.learning_rate or raise "
+          "config.alpha and rerun."
+      )
+
+  def _evaluate_and_checkpoint(self, state: TrainState, validation_y: jax.Array) -> TrainState:
+    """Validation metrics, diagnostics and samples; saves latest and (if improved) best."""
+    step = int(state.step)
+    metrics = evaluate(self.eval_step, state.params, validation_y, self.config.eval_batch_size)
+    improved = metrics["ll"] > float(state.best_validation_ll)
+    state = state.replace(
+        best_validation_ll=jnp.maximum(state.best_validation_ll, metrics["ll"]),
+        evals_since_best=jnp.where(improved, 0, state.evals_since_best + 1),
+    )
+    if improved:
+      self.checkpoints.save_best(step, state.params, metrics["ll"])
+    self.checkpoints.save_latest(step, state)
+    sample_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
+    grid = image_grid(np.asarray(self.sample(state.params, sample_rng)))
+    self.writer.write_scalars(step, {f"validation/{k}": v for k, v in metrics.items()})
+    self.writer.write_scalars(step, kernel_diagnostics(state.params))
+    self.writer.write_images(step, {"samples": grid[None]})
+    save_png(os.path.join(self.workdir, "samples.png"), grid)
+    logging.info("step %d: validation LL %.2f ± %.2f nats, %.4f bits/dim",
+                 step, metrics["ll"], metrics["ll_2se"], metrics["bpd"])
+    return state
+
+  def test_best(self) -> dict[str, float]:
+    """Test metrics of the best-by-validation params (restored from their checkpoint)."""
+    abstract_params = jax.eval_shape(
+        lambda: initial_state(self.model, self.tx, self.splits.num_features, self.config.seed).params
+    )
+    step, params = self.checkpoints.restore_best_params(abstract_params)
+    test_y = jax.device_put(input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE))
+    metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size)
+    metrics["step"] = step
+    logging.info("test (best checkpoint, step %d): LL %.2f ± %.2f logit nats, %.4f ± %.4f bits/dim",
+                 step, metrics["ll"], metrics["ll_2se"], metrics["bpd"], metrics["bpd_2se"])
+    return metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains until `num_epochs` or early stopping; returns the best checkpoint's test metrics.
+
+  Resumes from `<workdir>/checkpoints/latest` if present, with the same data order and
+  noise as an uninterrupted run.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  splits = input_pipeline.load_splits(config)
+  checkpoints.record_config(config, workdir)
+  run = _Run(config, workdir, splits)
+  try:
+    state = run.train(run.initial_or_restored_state())
+  finally:  # Also on errors and Ctrl-C: let in-flight (atomic) checkpoint writes finish.
+    run.checkpoints.wait_until_finished()
+  test_metrics = run.test_best()
+  run.writer.write_scalars(int(state.step), {f"test/{k}": v for k, v in test_metrics.items() if k != "step"})
+  run.writer.flush()
+  return test_metrics
+
+
+def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Test log-likelihood ± 2 SE (logit nats) and bits/dim of the best checkpoint in `workdir`."""
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  return _Run(config, workdir, input_pipeline.load_splits(config)).test_best()

@@ -1,0 +1,152 @@
+"""End-to-end tests of `python -m experiments.mnist` on tfds mock data (no download)."""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from experiments.mnist import checkpoints
+from experiments.mnist import input_pipeline
+from experiments.mnist import train
+from experiments.mnist.configs import test as test_config
+
+NUM_MOCK_EXAMPLES = 16  # Per split: 4 steps of batch 4 per epoch.
+
+
+def mock_config(**overrides):
+  config = test_config.get_config()
+  config.download = True  # Under mock_data, download_and_prepare is a no-op.
+  config.update(overrides)
+  return config
+
+
+def run(config, workdir):
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def restore_latest(config, workdir):
+  model, tx = train.create_model(config), train.create_optimizer(config)
+  abstract = jax.eval_shape(lambda: train.initial_state(model, tx, 784, config.seed))
+  return checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
+
+
+def event_tags(workdir):
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  config = mock_config(checkpoint_every_steps=1)
+  return config, workdir, run(config, workdir)
+
+
+def test_end_to_end_writes_metrics_images_checkpoints(finished_run):
+  config, workdir, test_metrics = finished_run
+  assert np.isfinite(test_metrics["ll"]) and np.isfinite(test_metrics["bpd"])
+  tags = event_tags(str(workdir))
+  for tag in ["train/nll", "train/examples_per_sec", "steps_per_sec", "validation/ll",
+              "validation/ll_2se", "validation/bpd", "test/ll", "test/bpd", "samples",
+              "kernels/layers_0/condition", "kernels/layers_1/log_abs_det"]:
+    assert tag in tags, (tag, sorted(tags))
+  assert os.path.getsize(os.path.join(workdir, "samples.png")) > 0
+  state = restore_latest(config, workdir)
+  assert int(state.step) == 2 * NUM_MOCK_EXAMPLES // config.batch_size
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    again = train.evaluate_best(config, str(workdir))
+  assert again == test_metrics
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(finished_run, tmp_path, monkeypatch):
+  config, uninterrupted_dir, _ = finished_run
+  original = input_pipeline.prefetch_to_device
+  batches_seen = []
+
+  def crash_after_five_batches(batches, size=2):
+    for batch in original(batches, size):
+      if len(batches_seen) == 5:  # Mid-way through the second epoch.
+        raise KeyboardInterrupt
+      batches_seen.append(batch)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "prefetch_to_device", crash_after_five_batches)
+  monkeypatch.chdir(tmp_path)  # A relative --workdir, as users type it.
+  with pytest.raises(KeyboardInterrupt):
+    run(config, "resumed")
+  monkeypatch.setattr(input_pipeline, "prefetch_to_device", original)
+  assert int(restore_latest(config, tmp_path / "resumed").step) == 5
+  run(config, "resumed")
+  resumed = restore_latest(config, tmp_path / "resumed")
+  uninterrupted = restore_latest(config, uninterrupted_dir)
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(uninterrupted.params)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_workdir_of_another_model_is_refused(finished_run):
+  _, workdir, _ = finished_run
+  with pytest.raises(ValueError, match="holds checkpoints of a different model"):
+    run(mock_config(num_layers=3), workdir)
+
+
+def test_corrupt_checkpoint_gives_clear_error(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  for path in glob.glob(str(copy / "checkpoints" / "best" / "*" / "default" / "d" / "*")):
+    with open(path, "wb") as file:
+      file.write(b"garbage")
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    with pytest.raises(ValueError, match="Cannot restore the checkpoint"):
+      train.evaluate_best(config, str(copy))
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1)
+  with pytest.raises(FloatingPointError, match=r"non-finite at step (\d+)") as error:
+    run(config, tmp_path)
+  bad_step = int(re.search(r"non-finite at step (\d+)", str(error.value)).group(1))
+  state = restore_latest(config, tmp_path)
+  assert int(state.step) == bad_step - 1
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+  config = test_config.get_config()
+  config.data_dir = str(tmp_path)
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match="manual_dir"):
+    input_pipeline.load_splits(config)
+  config.dataset = "mnistt"
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match="no dataset named 'mnistt'"):
+    input_pipeline.load_splits(config)
+
+
+def test_wrong_image_shape_is_refused():
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises(ValueError, match=r"shape \(28, 28, 1\), but config.image_shape is \(32, 32, 3\)"):
+      input_pipeline.load_splits(mock_config(image_shape=(32, 32, 3)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.learnin_rate=1e-3", "learnin_rate"),
+    ("--config.batch_size=0", "batch_size must be a positive integer"),
+])
+def test_command_line_config_errors(tmp_path, override, message):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.mnist", f"--workdir={tmp_path}", override],
+      capture_output=True, text=True, timeout=120, check=False,
+  )
+  assert result.returncode != 0
+  assert message in result.stderr
