@@ -73,21 +73,21 @@ def test_end_to_end_writes_metrics_images_checkpoints(finished_run):
 def test_resume_after_interruption_matches_uninterrupted_run(finished_run, tmp_path, monkeypatch):
   config, uninterrupted_dir, _ = finished_run
   original = input_pipeline.prefetch_to_device
-  batches_seen = []
+  chunks_seen = []
 
-  def crash_after_five_batches(batches, size=2):
-    for batch in original(batches, size):
-      if len(batches_seen) == 5:  # Mid-way through the second epoch.
+  def crash_after_three_chunks(chunks, size=2):
+    for chunk in original(chunks, size):
+      if len(chunks_seen) == 3:  # Steps 3, 4 (epoch end) and 7 are done and checkpointed.
         raise KeyboardInterrupt
-      batches_seen.append(batch)
-      yield batch
+      chunks_seen.append(chunk)
+      yield chunk
 
-  monkeypatch.setattr(input_pipeline, "prefetch_to_device", crash_after_five_batches)
+  monkeypatch.setattr(input_pipeline, "prefetch_to_device", crash_after_three_chunks)
   monkeypatch.chdir(tmp_path)  # A relative --workdir, as users type it.
   with pytest.raises(KeyboardInterrupt):
     run(config, "resumed")
   monkeypatch.setattr(input_pipeline, "prefetch_to_device", original)
-  assert int(restore_latest(config, tmp_path / "resumed").step) == 5
+  assert int(restore_latest(config, tmp_path / "resumed").step) == 7
   run(config, "resumed")
   resumed = restore_latest(config, tmp_path / "resumed")
   uninterrupted = restore_latest(config, uninterrupted_dir)
@@ -114,7 +114,7 @@ def test_corrupt_checkpoint_gives_clear_error(finished_run, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
-  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1)
+  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1)
   with pytest.raises(FloatingPointError, match=r"non-finite at step (\d+)") as error:
     run(config, tmp_path)
   bad_step = int(re.search(r"non-finite at step (\d+)", str(error.value)).group(1))

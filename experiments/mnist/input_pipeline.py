@@ -1,16 +1,18 @@
 """tfds image datasets → dequantised, logit-transformed batches (ENGINEERING.md §2).
 
 Pixels p ∈ {0..255} become x = (p + u)/256 with u ~ U[0, 1), then y = logit(λ + (1−2λ)x).
-Training noise is fresh every epoch but a pure function of (seed, epoch, batch index), so a
-resumed run sees exactly the batches an uninterrupted run would. Evaluation noise is fixed
-by the seed, so validation and test numbers are reproducible.
+tf.data streams shuffled uint8 batches, grouped into chunks of `steps_per_call` batches, to
+the device; the dequantisation runs there, inside the jitted train step. Training noise is
+fresh every epoch but a pure function of (seed, epoch, batch index), so a resumed run sees
+exactly the batches an uninterrupted run would. Evaluation noise is fixed by the seed, so
+validation and test numbers are reproducible.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -100,12 +102,20 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
   )
 
 
-def dequantize_and_logit(images: tf.Tensor, noise: tf.Tensor, lam: float) -> tf.Tensor:
-  """uint8 images (B, H, W, C) and noise U[0,1) of the same shape → y (B, H·W·C) float32."""
-  x = (tf.cast(images, tf.float32) + noise) / 256.0
+def noise_key(seed: int | jax.Array, *counters: int | jax.Array) -> jax.Array:
+  """A PRNG key that is a pure function of (seed, counters...): jit-able, traced counters ok."""
+  key = jax.random.PRNGKey(seed)
+  for counter in counters:
+    key = jax.random.fold_in(key, counter)
+  return key
+
+
+def dequantize_and_logit(images: jax.Array, key: jax.Array, lam: float) -> jax.Array:
+  """uint8 images (B, ...) → y (B, D) float32 with y = logit(λ + (1−2λ)(p + u)/256)."""
+  images = images.reshape(images.shape[0], -1)
+  x = (images.astype(jnp.float32) + jax.random.uniform(key, images.shape)) / 256.0
   s = lam + (1.0 - 2.0 * lam) * x
-  y = tf.math.log(s) - tf.math.log1p(-s)
-  return tf.reshape(y, (tf.shape(images)[0], -1))
+  return jnp.log(s) - jnp.log1p(-s)
 
 
 def logit_to_pixels(y: jax.Array, lam: float) -> jax.Array:
@@ -127,47 +137,40 @@ def bits_per_dim(log_prob_logit: jax.Array, y: jax.Array, lam: float) -> jax.Arr
   return -log_prob_pixels / (num_features * math.log(2.0))
 
 
-def _noise(shape: tf.Tensor, seed: int, stream: int, *counters: tf.Tensor) -> tf.Tensor:
-  """U[0,1) noise that is a pure function of (seed, stream, counters)."""
-  key = tf.stack([tf.cast(seed, tf.int64), tf.cast(stream, tf.int64)])
-  for counter in counters:
-    key = tf.random.experimental.stateless_fold_in(key, tf.cast(counter, tf.int64))
-  return tf.random.stateless_uniform(shape, seed=key, dtype=tf.float32)
-
-
-def train_batches(
+def train_chunks(
     splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0
 ) -> tf.data.Dataset:
-  """One epoch of shuffled, freshly dequantised training batches y (B, D), remainder dropped.
+  """One epoch of shuffled uint8 training batches, `steps_per_call` batches per element.
 
-  The order and noise depend only on (config.seed, epoch, batch index); `skip_batches` skips
-  the first batches of the epoch (for resuming), giving the same later batches.
+  Each element is {"images": uint8 (k, B, D), "batch_index": int32 (k,)} with k ≤
+  steps_per_call (the epoch's last chunk may be shorter); the remainder of the epoch that does
+  not fill a batch is dropped. The order depends only on (config.seed, epoch);
+  `skip_batches` skips the epoch's first batches (for resuming).
   """
   seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
   dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
   dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
-  return dataset.map(
-      lambda index, images: dequantize_and_logit(
-          images, _noise(tf.shape(images), config.seed, TRAIN_NOISE, epoch, index), config.lam
-      ),
-      num_parallel_calls=tf.data.AUTOTUNE,
-  ).prefetch(tf.data.AUTOTUNE)
+  dataset = dataset.map(lambda index, images: {
+      "images": tf.reshape(images, (config.batch_size, splits.num_features)),
+      "batch_index": tf.cast(index, tf.int32),
+  })
+  return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_array(
     dataset: tf.data.Dataset, config: ml_collections.ConfigDict, noise_stream: int
-) -> np.ndarray:
-  """A whole evaluation split as y (N, D), dequantised with fixed seeded noise."""
-  batches = dataset.batch(1000).enumerate().map(
-      lambda index, images: dequantize_and_logit(
-          images, _noise(tf.shape(images), config.seed, noise_stream, index), config.lam
-      )
-  )
-  return np.concatenate(list(batches.as_numpy_iterator()), axis=0)
+) -> jax.Array:
+  """A whole evaluation split as y (N, D) on the device, dequantised with fixed seeded noise."""
+  dequantize = jax.jit(dequantize_and_logit, static_argnums=2)
+  chunks = [
+      dequantize(images, noise_key(config.seed, noise_stream, index), config.lam)
+      for index, images in enumerate(dataset.batch(1000).as_numpy_iterator())
+  ]
+  return jnp.concatenate(chunks, axis=0)
 
 
-def prefetch_to_device(batches: tf.data.Dataset, size: int = 2) -> Iterator[jax.Array]:
-  """Yields batches already transferred with `jax.device_put`, `size` ahead of the consumer."""
+def prefetch_to_device(batches: tf.data.Dataset, size: int = 2) -> Iterator[Any]:
+  """Yields elements already transferred with `jax.device_put`, `size` ahead of the consumer."""
   queue = []
   for batch in batches.as_numpy_iterator():
     queue.append(jax.device_put(batch))

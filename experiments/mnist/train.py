@@ -78,7 +78,7 @@ def initial_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_featu
 
 
 def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
-  """A jitted step (state, y (B, D)) → state; it donates the old state's buffers."""
+  """One relative-gradient step (state, y (B, D)) → state, recording a non-finite loss."""
 
   def train_step(state: TrainState, batch: jax.Array) -> TrainState:
     loss, grads, extra = fr.value_and_relative_grad_args(model, state.params, batch)
@@ -94,7 +94,27 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
         first_nonfinite_step=first_bad,
     )
 
-  return jax.jit(train_step, donate_argnums=0)
+  return train_step
+
+
+def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+  """A jitted (state, chunk, epoch) → state running k train steps in one call (`lax.scan`).
+
+  `chunk` is an element of `input_pipeline.train_chunks`: uint8 images (k, B, D) and their
+  batch indices (k,); each batch is dequantised on the device with noise keyed by
+  (seed, epoch, batch index). The old state's buffers are donated.
+  """
+  train_step = make_train_step(model, tx)
+
+  def train_chunk(state: TrainState, chunk: dict[str, jax.Array], epoch: jax.Array) -> TrainState:
+    def body(state, images_and_index):
+      images, batch_index = images_and_index
+      key = input_pipeline.noise_key(config.seed, input_pipeline.TRAIN_NOISE, epoch, batch_index)
+      return train_step(state, input_pipeline.dequantize_and_logit(images, key, config.lam)), None
+
+    return jax.lax.scan(body, state, (chunk["images"], chunk["batch_index"]))[0]
+
+  return jax.jit(train_chunk, donate_argnums=0)
 
 
 def make_eval_step(model: fr.FlowMLP, lam: float):
@@ -165,7 +185,8 @@ def save_png(path: str, grid: np.ndarray) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first out-of-range field."""
-  for field in ("batch_size", "num_epochs", "log_every_steps", "eval_every_epochs", "eval_batch_size", "num_samples"):
+  for field in ("batch_size", "steps_per_call", "num_epochs", "log_every_steps", "eval_every_epochs",
+                "eval_batch_size", "num_samples"):
     if int(config[field]) < 1:
       raise ValueError(f"config.{field} must be a positive integer, got {config[field]}.")
   if config.checkpoint_every_steps < 0:
@@ -189,7 +210,7 @@ class _Run:
     self.eval_every_steps = self.steps_per_epoch * config.eval_every_epochs
     self.checkpoints = checkpoints.RunCheckpoints(workdir)
     self.writer = None  # Created by `train`: evaluation alone writes no event file.
-    self.train_step = make_train_step(self.model, self.tx)
+    self.train_chunk = make_train_chunk(self.model, self.tx, config)
     self.eval_step = make_eval_step(self.model, config.lam)
     self.sample = make_sampler(self.model, config.num_samples, splits.image_shape, config.lam)
     self.kernel_log_det = jax.jit(
@@ -211,21 +232,19 @@ class _Run:
     if int(state.step) == 0:
       self.writer.write_hparams({k: str(v) if isinstance(v, tuple) else v for k, v in config.items()})
     report_progress = periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.writer)
-    validation_y = jax.device_put(
-        input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE)
-    )
+    validation_y = input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE)
     step = int(state.step)
     last_log_step, last_log_time = step, time.perf_counter()
     stop = int(state.evals_since_best) >= config.patience
+    crossed = lambda every, before, after: every > 0 and after // every > before // every
     while step < self.total_steps and not stop:
       epoch, skip = divmod(step, self.steps_per_epoch)
-      batches = input_pipeline.train_batches(self.splits, config, epoch, skip)
-      for batch in input_pipeline.prefetch_to_device(batches):
-        state = self.train_step(state, batch)
-        step += 1
+      for chunk in input_pipeline.prefetch_to_device(input_pipeline.train_chunks(self.splits, config, epoch, skip)):
+        state = self.train_chunk(state, chunk, epoch)
+        previous, step = step, step + chunk["batch_index"].shape[0]
         report_progress(step)
-        is_eval_step = step % self.eval_every_steps == 0
-        if step % config.log_every_steps == 0 or is_eval_step:
+        is_eval_step = step % self.eval_every_steps == 0  # Chunks end at epoch ends.
+        if crossed(config.log_every_steps, previous, step) or is_eval_step:
           self._raise_if_nonfinite(state)
           now = time.perf_counter()
           loss_mean = float(state.loss_sum) / (step - last_log_step)
@@ -239,7 +258,7 @@ class _Run:
           state = self._evaluate_and_checkpoint(state, validation_y)
           stop = int(state.evals_since_best) >= config.patience
           last_log_time = time.perf_counter()  # Evaluation time is not training throughput.
-        elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        elif crossed(config.checkpoint_every_steps, previous, step):
           self._raise_if_nonfinite(state)
           self.checkpoints.save_latest(step, state)
         if step >= self.total_steps or stop:
@@ -285,7 +304,7 @@ class _Run:
         lambda: initial_state(self.model, self.tx, self.splits.num_features, self.config.seed).params
     )
     step, params = self.checkpoints.restore_best_params(abstract_params)
-    test_y = jax.device_put(input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE))
+    test_y = input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE)
     metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size)
     metrics["step"] = step
     logging.info("test (best checkpoint, step %d): LL %.2f ± %.2f logit nats, %.4f ± %.4f bits/dim",

@@ -1,0 +1,94 @@
+"""The MNIST input pipeline: dequantisation, logit, bits/dim, order, splits on real data."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.mnist import input_pipeline
+from experiments.mnist.configs import default
+
+MNIST_FILES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
+LAM = 1e-6
+
+
+def test_dequantize_and_logit_range_and_inverse():
+  pixels = jnp.arange(256, dtype=jnp.uint8).reshape(4, 64)
+  y = input_pipeline.dequantize_and_logit(pixels, jax.random.PRNGKey(0), LAM)
+  assert y.shape == (4, 64) and y.dtype == jnp.float32
+  bound = math.log((1 - LAM) / LAM)  # |logit(λ + (1−2λ)x)| for x ∈ [0, 1]
+  assert float(jnp.max(jnp.abs(y))) <= bound + 1e-3
+  x = input_pipeline.logit_to_pixels(y, LAM)
+  # x = (p + u)/256 with u ∈ [0, 1): the pixel is recovered by flooring.
+  np.testing.assert_array_equal(np.floor(np.asarray(x) * 256 + 1e-3).astype(np.uint8), np.asarray(pixels))
+  noise = np.asarray(x) * 256 - np.asarray(pixels)
+  assert noise.min() > -1e-3 and noise.max() < 1 + 1e-3 and 0.4 < noise.mean() < 0.6
+
+
+def test_noise_is_a_pure_function_of_its_counters():
+  images = jnp.zeros((2, 8), jnp.uint8)
+  draw = lambda *counters: input_pipeline.dequantize_and_logit(
+      images, input_pipeline.noise_key(0, *counters), LAM)
+  np.testing.assert_array_equal(draw(0, 3, 5), draw(0, 3, 5))
+  assert not np.allclose(draw(0, 3, 5), draw(0, 4, 5))  # Another epoch: fresh noise.
+  assert not np.allclose(draw(1, 3, 5), draw(2, 3, 5))  # Validation vs test streams.
+
+
+def test_bits_per_dim_matches_change_of_variables_by_autodiff(float64):
+  """bpd from log p(y) equals −log₂ of p(x)/256^D with p(x) from the Jacobian of x ↦ y."""
+  y = jax.random.normal(jax.random.PRNGKey(0), (3, 5)) * 4
+  log_prob_y = jnp.array([-10.0, -3.0, 2.0])
+  s = jax.nn.sigmoid(y)
+  x = (s - LAM) / (1 - 2 * LAM)
+  to_logit = lambda x: jnp.log(LAM + (1 - 2 * LAM) * x) - jnp.log1p(-(LAM + (1 - 2 * LAM) * x))
+  log_dy_dx = jnp.log(jax.vmap(jax.vmap(jax.grad(to_logit)))(x)).sum(-1)
+  expected = -(log_prob_y + log_dy_dx - 5 * math.log(256)) / (5 * math.log(2))
+  np.testing.assert_allclose(input_pipeline.bits_per_dim(log_prob_y, y, LAM), expected, rtol=1e-10)
+
+
+def mock_splits(config):
+  with tfds.testing.mock_data(num_examples=24):
+    return input_pipeline.load_splits(config)
+
+
+def test_train_chunks_resume_gives_the_same_later_batches():
+  config = default.get_config()
+  config.update(download=True, batch_size=4, steps_per_call=2)
+  splits = mock_splits(config)
+  full = list(input_pipeline.train_chunks(splits, config, epoch=1).as_numpy_iterator())
+  resumed = list(input_pipeline.train_chunks(splits, config, epoch=1, skip_batches=3).as_numpy_iterator())
+  assert [c["batch_index"].tolist() for c in full] == [[0, 1], [2, 3], [4, 5]]
+  assert [c["batch_index"].tolist() for c in resumed] == [[3, 4], [5]]
+  np.testing.assert_array_equal(full[1]["images"][1], resumed[0]["images"][0])
+  assert full[0]["images"].shape == (2, 4, 784) and full[0]["images"].dtype == np.uint8
+  other_epoch = next(input_pipeline.train_chunks(splits, config, epoch=2).as_numpy_iterator())
+  assert not np.array_equal(other_epoch["images"], full[0]["images"])
+
+
+@pytest.fixture(scope="module")
+def real_mnist(tmp_path_factory):
+  if not os.path.isdir(MNIST_FILES):
+    pytest.skip(f"the original MNIST files are not at {MNIST_FILES}")
+  config = default.get_config()
+  config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config.manual_dir = MNIST_FILES
+  return config, input_pipeline.load_splits(config)  # Prepares tfds offline from the IDX files.
+
+
+def test_real_mnist_split_sizes_and_values(real_mnist):
+  config, splits = real_mnist
+  assert splits.num_train == 50_000 and splits.num_features == 784
+  assert sum(1 for _ in splits.validation) == 10_000
+  test_y = input_pipeline.eval_array(splits.test, config, input_pipeline.TEST_NOISE)
+  assert test_y.shape == (10_000, 784)
+  np.testing.assert_array_equal(
+      test_y, input_pipeline.eval_array(splits.test, config, input_pipeline.TEST_NOISE))
+  # Σ 256·x = Σ pixels + Σ u: the known pixel sum (shared/datasets/mnist/README.md) plus
+  # N/2 ± a few sqrt(N/12) for N uniform noise draws.
+  scaled = np.asarray(input_pipeline.logit_to_pixels(test_y, config.lam), np.float64) * 256
+  count = scaled.size
+  assert abs(scaled.sum() - 264_923_200 - count / 2) < 5 * math.sqrt(count / 12)
