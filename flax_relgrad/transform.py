@@ -66,25 +66,26 @@ def relative_layer_update(
 
   Returns:
     ΔW (D, D) and Δb (D,) (None without bias). The matmul association is chosen from the
-    static batch size: (W uᵀ) δ costs 2·B·D², W (uᵀ δ) costs B·D² + D³.
+    static batch size: (W uᵀ) δ costs 2·B·D², W (uᵀ δ) costs B·D² + D³ (B + 1 rows with bias).
   """
   width = kernel.shape[0]
   u = preactivation.reshape(-1, width)
   delta = delta.reshape(-1, width)
   if bias is not None:
-    u = u - bias
-  batch = u.shape[0]
-  if batch <= width:
+    # With ũ = [u; b] and δ̃ = [δ; g_b] (one extra row each), W uᵀ δ + (W bᵀ) g_b = W ũᵀ δ̃
+    # and (1 + b bᵀ) g_b + (u bᵀ)ᵀ δ = g_b + (ũ bᵀ)ᵀ δ̃: one product instead of two.
+    bias_grad = delta.sum(0)
+    u = jnp.concatenate([u - bias, bias[None]], axis=0)
+    delta = jnp.concatenate([delta, bias_grad[None]], axis=0)
+  rows = u.shape[0]
+  if rows <= width:
     kernel_update = (kernel @ u.T) @ delta
   else:
     kernel_update = kernel @ (u.T @ delta)
   kernel_update = kernel_update - log_det_weight * kernel
   if bias is None:
     return kernel_update, None
-  bias_grad = delta.sum(0)
-  u_dot_b = u @ bias  # (B,)
-  kernel_update = kernel_update + jnp.outer(kernel @ bias, bias_grad)
-  bias_update = (1.0 + bias @ bias) * bias_grad + u_dot_b @ delta - log_det_weight * bias
+  bias_update = bias_grad + (u @ bias) @ delta - log_det_weight * bias
   return kernel_update, bias_update
 
 
