@@ -1,6 +1,7 @@
 """End-to-end tests of `python -m experiments.mnist` on tfds mock data (no download)."""
 
 import glob
+import importlib
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ def run(config, workdir):
 
 
 def restore_latest(config, workdir):
-  model, tx = train.create_model(config), train.create_optimizer(config)
+  model, tx = train.create_model(config), train.create_optimizer(config, total_steps=1)
   abstract = jax.eval_shape(lambda: train.initial_state(model, tx, 784, config.seed))
   return checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
 
@@ -115,7 +116,7 @@ def test_corrupt_checkpoint_gives_clear_error(finished_run, tmp_path):
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
   config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1)
-  with pytest.raises(FloatingPointError, match=r"non-finite at step (\d+)") as error:
+  with pytest.raises(FloatingPointError, match=r"Training diverged: .*non-finite at step (\d+)") as error:
     run(config, tmp_path)
   bad_step = int(re.search(r"non-finite at step (\d+)", str(error.value)).group(1))
   state = restore_latest(config, tmp_path)
@@ -150,3 +151,62 @@ def test_command_line_config_errors(tmp_path, override, message):
   )
   assert result.returncode != 0
   assert message in result.stderr
+
+
+def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path):
+  """lr 1e8 makes step 2's loss non-finite, which condemns the parameters of step 1: "restore"
+  restarts from the initial state with the learning rate scaled to 1e8·1e-10."""
+  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1,
+                       on_divergence="restore", divergence_lr_factor=1e-10, max_divergences=1)
+  test_metrics = run(config, tmp_path)
+  assert np.isfinite(test_metrics["ll"])
+  state = restore_latest(config, tmp_path)
+  assert int(state.divergences) == 1 and float(state.learning_rate_scale) == pytest.approx(1e-10)
+  assert int(state.step) == 2 * NUM_MOCK_EXAMPLES // config.batch_size
+  assert {"train/divergences", "train/learning_rate_scale"} <= event_tags(str(tmp_path))
+
+
+def test_divergence_gives_up_after_max_divergences(tmp_path):
+  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1,
+                       on_divergence="restore", max_divergences=2)
+  with pytest.raises(FloatingPointError, match="Training diverged"):
+    run(config, tmp_path)
+  assert int(restore_latest(config, tmp_path).step) == 1
+
+
+def test_exploding_loss_is_a_divergence(finished_run):
+  config, workdir, _ = finished_run
+  config = mock_config(divergence_nats=50.0)
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    run_ = train._Run(config, str(workdir), input_pipeline.load_splits(config))  # pylint: disable=protected-access
+  state = restore_latest(config, workdir).replace(lowest_train_nll=np.float32(1000.0))
+  assert run_._divergence(state, 1049.0, 2, 4) is None  # pylint: disable=protected-access
+  reason, good_step = run_._divergence(state, 1051.0, 2, 4)  # pylint: disable=protected-access
+  assert "more than divergence_nats=50.0 above the lowest so far (1000.0)" in reason and good_step == 1
+
+
+def test_learning_rate_schedules():
+  config = mock_config(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine", final_lr_fraction=0.1)
+  schedule = train.learning_rate_schedule(config, total_steps=110)
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(110)], [0, 5e-4, 1e-3, 1e-4], rtol=1e-5)
+  config.lr_schedule = "constant"
+  schedule = train.learning_rate_schedule(config, total_steps=110)
+  np.testing.assert_allclose([schedule(5), schedule(10), schedule(100)], [5e-4, 1e-3, 1e-3], rtol=1e-5)
+  config.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="lr_schedule='linear'"):
+    train.learning_rate_schedule(config, total_steps=110)
+
+
+SHIPPED_CONFIGS = sorted(
+    name[:-3] for name in os.listdir(os.path.join(os.path.dirname(train.__file__), "configs"))
+    if name.endswith(".py") and name not in ("__init__.py", "test.py")
+)
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_shipped_config_builds_and_trains_a_few_steps(name, tmp_path):
+  config = importlib.import_module(f"experiments.mnist.configs.{name}").get_config()
+  config.update(download=True, batch_size=4, num_epochs=1, eval_batch_size=8, num_samples=4,
+                warmup_steps=min(config.warmup_steps, 2))
+  metrics = run(config, tmp_path)
+  assert np.isfinite(metrics["ll"])

@@ -39,23 +39,30 @@ class RunCheckpoints:
     self.best.save(step, args=ocp.args.StandardSave({"params": params}),
                    metrics={"validation_ll": validation_ll})
 
-  def restore_latest(self, abstract_state: PyTree) -> PyTree | None:
-    """The latest train state, or None on a fresh workdir."""
-    return None if self.latest.latest_step() is None else _restore(self.latest, abstract_state)
+  def restore_latest(self, abstract_state: PyTree, at_most_step: int | None = None) -> PyTree | None:
+    """The newest train state (with step ≤ at_most_step if given), or None if there is none."""
+    steps = [step for step in self.latest.all_steps() if at_most_step is None or step <= at_most_step]
+    return _restore(self.latest, abstract_state, max(steps)) if steps else None
+
+  def discard_latest_after(self, step: int) -> None:
+    """Deletes the saved train states newer than `step` (they come from a diverged run)."""
+    for saved_step in self.latest.all_steps():
+      if saved_step > step:
+        self.latest.delete(saved_step)
 
   def restore_best_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
     """(step, params) of the best checkpoint."""
     if self.best.latest_step() is None:
       raise FileNotFoundError(f"No best checkpoint in {self.best.directory}; train first with this --workdir.")
-    return self.best.latest_step(), _restore(self.best, {"params": abstract_params})["params"]
+    step = self.best.latest_step()
+    return step, _restore(self.best, {"params": abstract_params}, step)["params"]
 
   def wait_until_finished(self) -> None:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
 
-def _restore(manager: ocp.CheckpointManager, abstract: PyTree) -> PyTree:
-  step = manager.latest_step()
+def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyTree:
   try:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))

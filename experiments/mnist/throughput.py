@@ -32,7 +32,8 @@ def main(argv):
   del argv
   config = FLAGS.config
   splits = input_pipeline.load_splits(config)
-  model, tx = train.create_model(config), train.create_optimizer(config)
+  model = train.create_model(config)
+  tx = train.create_optimizer(config, total_steps=FLAGS.steps * FLAGS.repetitions)
   train_step = jax.jit(train.make_train_step(model, tx), donate_argnums=0)
   train_chunk = train.make_train_chunk(model, tx, config)
   state = train.initial_state(model, tx, splits.num_features, config.seed)

@@ -44,6 +44,9 @@ class TrainState:
   first_nonfinite_step: jax.Array  # −1 until a step's loss is not finite.
   best_validation_ll: jax.Array
   evals_since_best: jax.Array
+  lowest_train_nll: jax.Array  # Lowest logged window-mean training NLL (divergence reference).
+  learning_rate_scale: jax.Array  # Multiplies every update; reduced after each divergence.
+  divergences: jax.Array  # Divergences recovered from so far.
 
 
 def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
@@ -60,8 +63,29 @@ def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
   )
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.chain(fr.relative_jacobian(), optax.adam(config.learning_rate))
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up over `warmup_steps`, then constant or cosine decay to `final_lr_fraction`·lr."""
+  peak, warmup = config.learning_rate, config.warmup_steps
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak * config.final_lr_fraction,
+    )
+  if config.lr_schedule == "constant":
+    if not warmup:
+      return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+    )
+  raise ValueError(f"config.lr_schedule={config.lr_schedule!r} is not one of ['constant', 'cosine'].")
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """relative_jacobian → (optional) clip_by_global_norm(clip_norm) → Adam(schedule)."""
+  clip = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm > 0 else []
+  return optax.chain(
+      fr.relative_jacobian(), *clip, optax.adam(learning_rate_schedule(config, total_steps))
+  )
 
 
 def initial_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int) -> TrainState:
@@ -74,6 +98,9 @@ def initial_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_featu
       first_nonfinite_step=jnp.array(-1, jnp.int32),
       best_validation_ll=jnp.array(-jnp.inf, jnp.float32),
       evals_since_best=jnp.array(0, jnp.int32),
+      lowest_train_nll=jnp.array(jnp.inf, jnp.float32),
+      learning_rate_scale=jnp.array(1.0, jnp.float32),
+      divergences=jnp.array(0, jnp.int32),
   )
 
 
@@ -86,6 +113,7 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
     first_bad = jnp.where(
         (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1, state.first_nonfinite_step
     )
+    updates = jax.tree_util.tree_map(lambda update: state.learning_rate_scale * update, updates)
     return state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
@@ -118,24 +146,33 @@ def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config
 
 
 def make_eval_step(model: fr.FlowMLP, lam: float):
-  """A jitted (params, y (N, D)) → (log p(y) in logit nats (N,), bits/dim of the pixels (N,))."""
+  """A jitted (params, y (N, D)) → per-example arrays (N,) of the log-likelihood and its parts.
 
-  def eval_step(params: PyTree, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    log_prob = model.apply({"params": params}, y, method=fr.FlowMLP.log_prob)
-    return log_prob, input_pipeline.bits_per_dim(log_prob, y, lam)
+  Keys: `ll` (log p(y), logit nats), `bpd` (bits/dim of the pixels), `activation_log_det`
+  (Σ log σ'(y_k)) and `gaussian` (log N(z)); ll = gaussian + activation_log_det + Σ log|det W|.
+  """
+
+  def eval_step(params: PyTree, y: jax.Array) -> dict[str, jax.Array]:
+    variables = {"params": params}
+    z, activation_log_det = model.apply(variables, y, method=fr.FlowMLP.forward_and_activation_log_det)
+    gaussian = fr.standard_normal_log_prob(z)
+    log_prob = gaussian + activation_log_det + model.apply(variables, method=fr.FlowMLP.kernel_log_abs_det)
+    return {
+        "ll": log_prob, "bpd": input_pipeline.bits_per_dim(log_prob, y, lam),
+        "activation_log_det": activation_log_det, "gaussian": gaussian,
+    }
 
   return jax.jit(eval_step)
 
 
 def evaluate(eval_step, params: PyTree, y: jax.Array, batch_size: int) -> dict[str, float]:
-  """Mean log-likelihood (logit nats) and bits/dim with 2 standard errors, over y (N, D)."""
+  """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors of `ll` and `bpd`."""
   batches = [eval_step(params, y[start:start + batch_size]) for start in range(0, y.shape[0], batch_size)]
-  log_probs, bpds = (np.concatenate([np.asarray(batch[i]) for batch in batches]) for i in (0, 1))
+  values = {key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]}
   two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-  return {
-      "ll": float(log_probs.mean()), "ll_2se": two_se(log_probs),
-      "bpd": float(bpds.mean()), "bpd_2se": two_se(bpds),
-  }
+  metrics = {key: float(value.mean()) for key, value in values.items()}
+  metrics.update(ll_2se=two_se(values["ll"]), bpd_2se=two_se(values["bpd"]))
+  return metrics
 
 
 def kernel_diagnostics(params: PyTree) -> dict[str, float]:
@@ -195,6 +232,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.lam must lie in (0, 0.5), got {config.lam}.")
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
+  if config.on_divergence not in ("stop", "restore"):
+    raise ValueError(f"config.on_divergence={config.on_divergence!r} is not one of ['restore', 'stop'].")
+  if not 0.0 < config.divergence_lr_factor < 1.0:
+    raise ValueError(f"config.divergence_lr_factor must lie in (0, 1), got {config.divergence_lr_factor}.")
+  for field in ("warmup_steps", "clip_norm", "divergence_nats", "max_divergences"):
+    if config[field] < 0:
+      raise ValueError(f"config.{field} must be >= 0, got {config[field]}.")
 
 
 class _Run:
@@ -202,11 +246,12 @@ class _Run:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, splits: input_pipeline.Splits):
     self.config, self.workdir, self.splits = config, workdir, splits
-    self.model, self.tx = create_model(config), create_optimizer(config)
     self.steps_per_epoch = splits.num_train // config.batch_size
     if self.steps_per_epoch < 1:
       raise ValueError(f"The training split has {splits.num_train} examples, fewer than one batch.")
     self.total_steps = self.steps_per_epoch * config.num_epochs
+    self.schedule = learning_rate_schedule(config, self.total_steps)
+    self.model, self.tx = create_model(config), create_optimizer(config, self.total_steps)
     self.eval_every_steps = self.steps_per_epoch * config.eval_every_epochs
     self.checkpoints = checkpoints.RunCheckpoints(workdir)
     self.writer = None  # Created by `train`: evaluation alone writes no event file.
@@ -217,11 +262,13 @@ class _Run:
         lambda params: self.model.apply({"params": params}, method=fr.FlowMLP.kernel_log_abs_det)
     )
 
+  def make_initial_state(self) -> TrainState:
+    return initial_state(self.model, self.tx, self.splits.num_features, self.config.seed)
+
   def initial_or_restored_state(self) -> TrainState:
-    make_state = lambda: initial_state(self.model, self.tx, self.splits.num_features, self.config.seed)
-    state = self.checkpoints.restore_latest(jax.eval_shape(make_state))
+    state = self.checkpoints.restore_latest(jax.eval_shape(self.make_initial_state))
     if state is None:
-      return make_state()
+      return self.make_initial_state()
     logging.info("Resumed from step %d.", int(state.step))
     return state.replace(loss_sum=jnp.zeros_like(state.loss_sum))  # Its window began before the restart.
 
@@ -243,38 +290,87 @@ class _Run:
         state = self.train_chunk(state, chunk, epoch)
         previous, step = step, step + chunk["batch_index"].shape[0]
         report_progress(step)
-        is_eval_step = step % self.eval_every_steps == 0  # Chunks end at epoch ends.
-        if crossed(config.log_every_steps, previous, step) or is_eval_step:
-          self._raise_if_nonfinite(state)
+        # Chunks end at epoch ends; the last step is always evaluated.
+        is_eval_step = step % self.eval_every_steps == 0 or step == self.total_steps
+        is_log_step = is_eval_step or crossed(config.log_every_steps, previous, step)
+        is_checkpoint_step = crossed(config.checkpoint_every_steps, previous, step)
+        if not (is_log_step or is_checkpoint_step):
+          continue
+        # Nothing is logged or saved before this check: checkpoints only hold healthy states.
+        window_nll = float(state.loss_sum) / (step - last_log_step) - float(self.kernel_log_det(state.params))
+        divergence = self._divergence(state, window_nll, last_log_step, step)
+        if divergence:
+          state = self._recover(state, *divergence)
+          step = int(state.step)
+          last_log_step, last_log_time = step, time.perf_counter()
+          break  # Restart the data stream at the restored step.
+        if is_log_step:
           now = time.perf_counter()
-          loss_mean = float(state.loss_sum) / (step - last_log_step)
           self.writer.write_scalars(step, {
-              "train/nll": loss_mean - float(self.kernel_log_det(state.params)),
+              "train/nll": window_nll,
               "train/examples_per_sec": (step - last_log_step) * config.batch_size / (now - last_log_time),
+              "train/learning_rate": float(self.schedule(step)) * float(state.learning_rate_scale),
           })
-          state = state.replace(loss_sum=jnp.zeros_like(state.loss_sum))
+          state = state.replace(
+              loss_sum=jnp.zeros_like(state.loss_sum),
+              lowest_train_nll=jnp.minimum(state.lowest_train_nll, window_nll),
+          )
           last_log_step, last_log_time = step, now
         if is_eval_step:
           state = self._evaluate_and_checkpoint(state, validation_y)
           stop = int(state.evals_since_best) >= config.patience
           last_log_time = time.perf_counter()  # Evaluation time is not training throughput.
-        elif crossed(config.checkpoint_every_steps, previous, step):
-          self._raise_if_nonfinite(state)
+        elif is_checkpoint_step:
           self.checkpoints.save_latest(step, state)
         if step >= self.total_steps or stop:
           break
     return state
 
-  def _raise_if_nonfinite(self, state: TrainState) -> None:
+  def _divergence(self, state: TrainState, window_nll: float, last_log_step: int,
+                  step: int) -> tuple[str, int] | None:
+    """None, or why training diverged and the last step whose parameters are trustworthy.
+
+    A non-finite loss at step b condemns the parameters after update b−1, so a state of step
+    ≤ b−2 is good. A window-mean NLL more than `divergence_nats` above the lowest so far
+    condemns the window (last_log_step, step]; states before its start are kept.
+    """
     bad_step = int(state.first_nonfinite_step)
     if bad_step >= 0:
-      self.checkpoints.wait_until_finished()
+      return f"the training loss became non-finite at step {bad_step}", bad_step - 2
+    lowest = float(state.lowest_train_nll)
+    if self.config.divergence_nats > 0 and window_nll > lowest + self.config.divergence_nats:
+      return (f"the mean training NLL of steps {last_log_step + 1}-{step} is {window_nll:.1f}, more "
+              f"than divergence_nats={self.config.divergence_nats} above the lowest so far "
+              f"({lowest:.1f})"), last_log_step - 1
+    return None
+
+  def _recover(self, state: TrainState, problem: str, good_step: int) -> TrainState:
+    """Raises FloatingPointError, or (on_divergence="restore") returns the newest saved state
+    of step ≤ good_step (or the initial one) with the learning rate scaled by
+    `divergence_lr_factor`."""
+    config = self.config
+    self.checkpoints.wait_until_finished()
+    if config.on_divergence != "restore" or int(state.divergences) >= config.max_divergences:
       raise FloatingPointError(
-          f"The training loss became non-finite at step {bad_step}. Nothing after the last good "
-          f"checkpoint (step {self.checkpoints.latest.latest_step()} in "
-          f"{self.checkpoints.latest.directory}) was saved; lower config.learning_rate or raise "
-          "config.alpha and rerun."
+          f"Training diverged: {problem}. Checkpoints hold only states saved before it was "
+          f"detected ({self.checkpoints.latest.directory}); lower config.learning_rate, set "
+          "config.clip_norm or config.warmup_steps, or set config.on_divergence='restore'."
       )
+    restored = self.checkpoints.restore_latest(jax.eval_shape(self.make_initial_state), at_most_step=good_step)
+    restored = self.make_initial_state() if restored is None else restored
+    self.checkpoints.discard_latest_after(int(restored.step))
+    restored = restored.replace(
+        loss_sum=jnp.zeros_like(restored.loss_sum),
+        learning_rate_scale=state.learning_rate_scale * config.divergence_lr_factor,
+        divergences=state.divergences + 1,
+    )
+    logging.warning("Training diverged: %s. Continuing from step %d with the learning rate scaled "
+                    "by %g.", problem, int(restored.step), float(restored.learning_rate_scale))
+    self.writer.write_scalars(int(restored.step), {
+        "train/divergences": int(restored.divergences),
+        "train/learning_rate_scale": float(restored.learning_rate_scale),
+    })
+    return restored
 
   def _evaluate_and_checkpoint(self, state: TrainState, validation_y: jax.Array) -> TrainState:
     """Validation metrics, diagnostics and samples; saves latest and (if improved) best."""
@@ -300,9 +396,7 @@ class _Run:
 
   def test_best(self) -> dict[str, float]:
     """Test metrics of the best-by-validation params (restored from their checkpoint)."""
-    abstract_params = jax.eval_shape(
-        lambda: initial_state(self.model, self.tx, self.splits.num_features, self.config.seed).params
-    )
+    abstract_params = jax.eval_shape(lambda: self.make_initial_state().params)
     step, params = self.checkpoints.restore_best_params(abstract_params)
     test_y = input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE)
     metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size)

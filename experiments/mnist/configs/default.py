@@ -21,12 +21,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.use_bias = True
   config.kernel_init = "orthogonal"  # or "near_identity"
   # Optimisation.
-  config.learning_rate = 1e-4
+  config.learning_rate = 1e-4  # Peak learning rate of Adam.
+  config.lr_schedule = "constant"  # or "cosine": decay to final_lr_fraction·lr at the last step.
+  config.warmup_steps = 0  # Linear warm-up from 0.
+  config.final_lr_fraction = 0.0
+  config.clip_norm = 0.0  # Clip the relative gradient's global norm (0: off).
   config.batch_size = 10
   config.steps_per_call = 50  # Train steps per jitted call (lax.scan): amortises host overhead.
   config.num_epochs = 10
   config.patience = 5  # Evaluations without validation improvement before stopping.
   config.seed = 0
+  # Divergence: a non-finite loss, or (divergence_nats > 0) a logged window-mean training NLL
+  # more than divergence_nats above the lowest so far. "stop" raises; "restore" reloads the last
+  # good checkpoint and scales the learning rate by divergence_lr_factor (max_divergences times).
+  config.on_divergence = "stop"
+  config.divergence_nats = 0.0
+  config.divergence_lr_factor = 0.5
+  config.max_divergences = 3
   # Logging, evaluation, checkpoints.
   config.log_every_steps = 500
   config.eval_every_epochs = 1
