@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from experiments.mnist import checkpoints
 from experiments.mnist import input_pipeline
+from experiments.mnist import parallel
 from experiments.mnist import train
 from experiments.mnist.configs import test as test_config
 
@@ -37,6 +38,7 @@ def run(config, workdir):
 def restore_latest(config, workdir):
   model, tx = train.create_model(config), train.create_optimizer(config, total_steps=1)
   abstract = jax.eval_shape(lambda: train.initial_state(model, tx, 784, config.seed))
+  abstract = parallel.DataParallel.over_all_devices().abstract_replicated(abstract)
   return checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
 
 

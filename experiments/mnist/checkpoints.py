@@ -64,7 +64,6 @@ class RunCheckpoints:
 
 def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyTree:
   try:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as error:  # Orbax raises several types for unreadable or mismatched data.
     raise ValueError(
@@ -75,7 +74,10 @@ def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyT
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json on a fresh workdir; on reuse, refuses a different model or dataset."""
+  """Writes config.json on a fresh workdir; on reuse, refuses a different model or dataset.
+
+  Every process checks; process 0 writes.
+  """
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):
@@ -87,6 +89,8 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "
           "(saved, now)); use a fresh --workdir or the config it was trained with."
       )
+  if jax.process_index() != 0:
+    return
   os.makedirs(workdir, exist_ok=True)
   temporary = path + ".tmp"
   with open(temporary, "w") as file:

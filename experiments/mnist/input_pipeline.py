@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -138,20 +138,23 @@ def bits_per_dim(log_prob_logit: jax.Array, y: jax.Array, lam: float) -> jax.Arr
 
 
 def train_chunks(
-    splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0
+    splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0,
+    rows: slice = slice(None),
 ) -> tf.data.Dataset:
   """One epoch of shuffled uint8 training batches, `steps_per_call` batches per element.
 
-  Each element is {"images": uint8 (k, B, D), "batch_index": int32 (k,)} with k ≤
-  steps_per_call (the epoch's last chunk may be shorter); the remainder of the epoch that does
-  not fill a batch is dropped. The order depends only on (config.seed, epoch);
-  `skip_batches` skips the epoch's first batches (for resuming).
+  Each element is {"images": uint8 (k, b, D), "batch_index": int32 (k,)} with k ≤
+  steps_per_call (the epoch's last chunk may be shorter) and b the number of `rows` of each
+  global batch of `config.batch_size` that this host feeds (all by default); the remainder of
+  the epoch that does not fill a batch is dropped. The order depends only on
+  (config.seed, epoch), the same on every host; `skip_batches` skips the epoch's first
+  batches (for resuming).
   """
   seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
   dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
   dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
   dataset = dataset.map(lambda index, images: {
-      "images": tf.reshape(images, (config.batch_size, splits.num_features)),
+      "images": tf.reshape(images, (config.batch_size, splits.num_features))[rows],
       "batch_index": tf.cast(index, tf.int32),
   })
   return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE)
@@ -169,11 +172,13 @@ def eval_array(
   return jnp.concatenate(chunks, axis=0)
 
 
-def prefetch_to_device(batches: tf.data.Dataset, size: int = 2) -> Iterator[Any]:
-  """Yields elements already transferred with `jax.device_put`, `size` ahead of the consumer."""
+def prefetch_to_device(
+    batches: tf.data.Dataset, put: Callable[[Any], Any] = jax.device_put, size: int = 2
+) -> Iterator[Any]:
+  """Yields `put(element)` (a transfer to the devices), `size` elements ahead of the consumer."""
   queue = []
   for batch in batches.as_numpy_iterator():
-    queue.append(jax.device_put(batch))
+    queue.append(put(batch))
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue

@@ -29,6 +29,7 @@ import optax
 import flax_relgrad as fr
 from experiments.mnist import checkpoints
 from experiments.mnist import input_pipeline
+from experiments.mnist import parallel
 
 PyTree = Any
 
@@ -125,12 +126,13 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
   return train_step
 
 
-def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                     data_parallel: parallel.DataParallel):
   """A jitted (state, chunk, epoch) → state running k train steps in one call (`lax.scan`).
 
-  `chunk` is an element of `input_pipeline.train_chunks`: uint8 images (k, B, D) and their
-  batch indices (k,); each batch is dequantised on the device with noise keyed by
-  (seed, epoch, batch index). The old state's buffers are donated.
+  `chunk` holds uint8 images (k, B, D), sharded along B over the `data` mesh, and their batch
+  indices (k,); each batch is dequantised on the devices with noise keyed by (seed, epoch,
+  batch index). The state is replicated and its old buffers are donated.
   """
   train_step = make_train_step(model, tx)
 
@@ -142,7 +144,11 @@ def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config
 
     return jax.lax.scan(body, state, (chunk["images"], chunk["batch_index"]))[0]
 
-  return jax.jit(train_chunk, donate_argnums=0)
+  replicated = data_parallel.replicated
+  return jax.jit(
+      train_chunk, donate_argnums=0, out_shardings=replicated,
+      in_shardings=(replicated, data_parallel.chunk_sharding, replicated),
+  )
 
 
 def make_eval_step(model: fr.FlowMLP, lam: float):
@@ -255,7 +261,9 @@ class _Run:
     self.eval_every_steps = self.steps_per_epoch * config.eval_every_epochs
     self.checkpoints = checkpoints.RunCheckpoints(workdir)
     self.writer = None  # Created by `train`: evaluation alone writes no event file.
-    self.train_chunk = make_train_chunk(self.model, self.tx, config)
+    self.parallel = parallel.DataParallel.over_all_devices()
+    self.local_rows = self.parallel.local_rows(config.batch_size)
+    self.train_chunk = make_train_chunk(self.model, self.tx, config, self.parallel)
     self.eval_step = make_eval_step(self.model, config.lam)
     self.sample = make_sampler(self.model, config.num_samples, splits.image_shape, config.lam)
     self.kernel_log_det = jax.jit(
@@ -263,10 +271,15 @@ class _Run:
     )
 
   def make_initial_state(self) -> TrainState:
-    return initial_state(self.model, self.tx, self.splits.num_features, self.config.seed)
+    """The initial state, replicated over the mesh."""
+    make = lambda: initial_state(self.model, self.tx, self.splits.num_features, self.config.seed)
+    return jax.jit(make, out_shardings=self.parallel.replicated)()
+
+  def abstract_state(self) -> TrainState:
+    return self.parallel.abstract_replicated(jax.eval_shape(self.make_initial_state))
 
   def initial_or_restored_state(self) -> TrainState:
-    state = self.checkpoints.restore_latest(jax.eval_shape(self.make_initial_state))
+    state = self.checkpoints.restore_latest(self.abstract_state())
     if state is None:
       return self.make_initial_state()
     logging.info("Resumed from step %d.", int(state.step))
@@ -279,14 +292,17 @@ class _Run:
     if int(state.step) == 0:
       self.writer.write_hparams({k: str(v) if isinstance(v, tuple) else v for k, v in config.items()})
     report_progress = periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.writer)
-    validation_y = input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE)
+    validation_y = self.parallel.replicate(
+        input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE))
     step = int(state.step)
     last_log_step, last_log_time = step, time.perf_counter()
     stop = int(state.evals_since_best) >= config.patience
     crossed = lambda every, before, after: every > 0 and after // every > before // every
     while step < self.total_steps and not stop:
       epoch, skip = divmod(step, self.steps_per_epoch)
-      for chunk in input_pipeline.prefetch_to_device(input_pipeline.train_chunks(self.splits, config, epoch, skip)):
+      local_chunks = input_pipeline.train_chunks(self.splits, config, epoch, skip, self.local_rows)
+      put = lambda local_chunk: self.parallel.put_chunk(local_chunk, config.batch_size)
+      for chunk in input_pipeline.prefetch_to_device(local_chunks, put):
         state = self.train_chunk(state, chunk, epoch)
         previous, step = step, step + chunk["batch_index"].shape[0]
         report_progress(step)
@@ -356,7 +372,7 @@ class _Run:
           f"detected ({self.checkpoints.latest.directory}); lower config.learning_rate, set "
           "config.clip_norm or config.warmup_steps, or set config.on_divergence='restore'."
       )
-    restored = self.checkpoints.restore_latest(jax.eval_shape(self.make_initial_state), at_most_step=good_step)
+    restored = self.checkpoints.restore_latest(self.abstract_state(), at_most_step=good_step)
     restored = self.make_initial_state() if restored is None else restored
     self.checkpoints.discard_latest_after(int(restored.step))
     restored = restored.replace(
@@ -389,16 +405,18 @@ class _Run:
     self.writer.write_scalars(step, {f"validation/{k}": v for k, v in metrics.items()})
     self.writer.write_scalars(step, kernel_diagnostics(state.params))
     self.writer.write_images(step, {"samples": grid[None]})
-    save_png(os.path.join(self.workdir, "samples.png"), grid)
+    if jax.process_index() == 0:
+      save_png(os.path.join(self.workdir, "samples.png"), grid)
     logging.info("step %d: validation LL %.2f ± %.2f nats, %.4f bits/dim",
                  step, metrics["ll"], metrics["ll_2se"], metrics["bpd"])
     return state
 
   def test_best(self) -> dict[str, float]:
     """Test metrics of the best-by-validation params (restored from their checkpoint)."""
-    abstract_params = jax.eval_shape(lambda: self.make_initial_state().params)
+    abstract_params = self.abstract_state().params
     step, params = self.checkpoints.restore_best_params(abstract_params)
-    test_y = input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE)
+    test_y = self.parallel.replicate(
+        input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE))
     metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size)
     metrics["step"] = step
     logging.info("test (best checkpoint, step %d): LL %.2f ± %.2f logit nats, %.4f ± %.4f bits/dim",

@@ -44,4 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # Extra resumable checkpoints between evaluations (0: none).
   config.eval_batch_size = 1000
   config.num_samples = 64  # Samples in the image grid written at each evaluation.
+  # Several hosts (see experiments/mnist/parallel.py); "" = this process alone. The batch is
+  # sharded over all devices of all hosts either way.
+  config.coordinator_address = ""  # e.g. "10.0.0.1:1234", the address of process 0.
+  config.num_processes = 1
+  config.process_id = 0
   return config

@@ -9,6 +9,6 @@ def get_config():
   config = dense2_best.get_config()
   config.num_layers = 4
   config.warmup_steps = 2000
-  config.clip_norm = 100.0
+  config.clip_norm = 5e4  # Relative-gradient norms at the start: median 2e4, p90 1e5, max 2e7.
   config.num_epochs = 60
   return config

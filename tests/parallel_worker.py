@@ -1,0 +1,44 @@
+"""Runs the MNIST program on mock data in a fresh process with N virtual CPU devices.
+
+    python tests/parallel_worker.py WORKDIR NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
+
+Prints one JSON line: the device and process counts and the sharding of a train chunk.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
+
+# pylint: disable=wrong-import-position
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_parallel import NUM_EXAMPLES, parallel_config  # pylint: disable=g-import-not-at-top
+from experiments.mnist import parallel
+from experiments.mnist import train
+
+
+def main():
+  config = parallel_config()
+  if len(sys.argv) > 3:
+    config.update(coordinator_address=sys.argv[3], num_processes=int(sys.argv[4]), process_id=int(sys.argv[5]))
+  parallel.initialize_distributed(config)
+  data_parallel = parallel.DataParallel.over_all_devices()
+  rows = data_parallel.local_rows(config.batch_size)
+  local = {"images": np.zeros((2, rows.stop - rows.start, 784), np.uint8), "batch_index": np.arange(2, dtype=np.int32)}
+  chunk = data_parallel.put_chunk(local, config.batch_size)
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    train.train_and_evaluate(config, sys.argv[1])
+  print(json.dumps({
+      "devices": jax.device_count(), "processes": jax.process_count(),
+      "chunk_shape": list(chunk["images"].shape), "chunk_spec": str(chunk["images"].sharding.spec),
+      "shard_shape": list(chunk["images"].addressable_shards[0].data.shape),
+  }))
+
+
+if __name__ == "__main__":
+  main()
