@@ -2,7 +2,8 @@
 
     python tests/parallel_worker.py WORKDIR NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
-Prints one JSON line: the device and process counts and the sharding of a train chunk.
+Prints one JSON line: the device and process counts and the shardings of a train chunk and
+of an evaluation batch.
 """
 
 import json
@@ -37,6 +38,7 @@ def main():
       "devices": jax.device_count(), "processes": jax.process_count(),
       "chunk_shape": list(chunk["images"].shape), "chunk_spec": str(chunk["images"].sharding.spec),
       "shard_shape": list(chunk["images"].addressable_shards[0].data.shape),
+      "eval_spec": str(data_parallel.put_batch(np.zeros((8, 784), np.float32)).sharding.spec),
   }))
 
 

@@ -73,6 +73,7 @@ def test_four_devices_shard_the_batch_and_match_one_device(tmp_path, single_devi
   assert result["devices"] == 4 and result["processes"] == 1
   assert result["chunk_spec"] == "P(None, 'data', None)"
   assert result["chunk_shape"] == [2, 8, 784] and result["shard_shape"] == [2, 2, 784]
+  assert result["eval_spec"] == "P('data', None)"
   assert_same_params(tmp_path, single_device_params)
 
 

@@ -1,6 +1,7 @@
 """Data parallelism with JAX's SPMD machinery: a 1-D `data` mesh over every device of every host.
 
-The global batch is sharded along `data`; parameters and optimizer state are replicated. The
+The global batch (of training and of evaluation) is sharded along `data`; parameters and
+optimizer state are replicated. The
 jitted train step is written for the global arrays, so the relative gradient's reductions
 over the batch (ũᵀ δ̃, Σ δ) become all-reduces that XLA inserts. Each host feeds only its own
 rows of every global batch (`local_rows`), and `put_chunk` assembles the global array from
@@ -78,9 +79,11 @@ class DataParallel:
             self.replicated, local_chunk["batch_index"]),
     }
 
-  def replicate(self, tree: PyTree) -> PyTree:
-    """Places host values (the same on every host) on all devices."""
-    return jax.device_put(jax.tree_util.tree_map(np.asarray, tree), self.replicated)
+  def put_batch(self, batch: np.ndarray) -> jax.Array:
+    """A host batch (N, D), the same on every host, sharded along N over the mesh (replicated
+    when N is not divisible by the device count, as an evaluation set's last batch may be)."""
+    spec = PartitionSpec(DATA_AXIS, None) if batch.shape[0] % self.mesh.size == 0 else PartitionSpec()
+    return jax.device_put(batch, NamedSharding(self.mesh, spec))
 
   def abstract_replicated(self, abstract_tree: PyTree) -> PyTree:
     """ShapeDtypeStructs of a replicated tree: targets for restoring checkpoints."""

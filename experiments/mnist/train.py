@@ -151,8 +151,11 @@ def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config
   )
 
 
-def make_eval_step(model: fr.FlowMLP, lam: float):
+def make_eval_step(model: fr.FlowMLP, lam: float, data_parallel: parallel.DataParallel):
   """A jitted (params, y (N, D)) → per-example arrays (N,) of the log-likelihood and its parts.
+
+  y may be sharded along N (see `DataParallel.put_batch`); the outputs are replicated, so
+  every host can read them.
 
   Keys: `ll` (log p(y), logit nats), `bpd` (bits/dim of the pixels), `activation_log_det`
   (Σ log σ'(y_k)) and `gaussian` (log N(z)); ll = gaussian + activation_log_det + Σ log|det W|.
@@ -168,12 +171,15 @@ def make_eval_step(model: fr.FlowMLP, lam: float):
         "activation_log_det": activation_log_det, "gaussian": gaussian,
     }
 
-  return jax.jit(eval_step)
+  return jax.jit(eval_step, out_shardings=data_parallel.replicated)
 
 
-def evaluate(eval_step, params: PyTree, y: jax.Array, batch_size: int) -> dict[str, float]:
-  """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors of `ll` and `bpd`."""
-  batches = [eval_step(params, y[start:start + batch_size]) for start in range(0, y.shape[0], batch_size)]
+def evaluate(eval_step, params: PyTree, y: np.ndarray, batch_size: int, put=jax.device_put) -> dict[str, float]:
+  """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors of `ll` and `bpd`.
+
+  Each batch of y (host memory) is placed on the devices by `put`.
+  """
+  batches = [eval_step(params, put(y[start:start + batch_size])) for start in range(0, y.shape[0], batch_size)]
   values = {key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]}
   two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
   metrics = {key: float(value.mean()) for key, value in values.items()}
@@ -264,7 +270,7 @@ class _Run:
     self.parallel = parallel.DataParallel.over_all_devices()
     self.local_rows = self.parallel.local_rows(config.batch_size)
     self.train_chunk = make_train_chunk(self.model, self.tx, config, self.parallel)
-    self.eval_step = make_eval_step(self.model, config.lam)
+    self.eval_step = make_eval_step(self.model, config.lam, self.parallel)
     self.sample = make_sampler(self.model, config.num_samples, splits.image_shape, config.lam)
     self.kernel_log_det = jax.jit(
         lambda params: self.model.apply({"params": params}, method=fr.FlowMLP.kernel_log_abs_det)
@@ -292,7 +298,7 @@ class _Run:
     if int(state.step) == 0:
       self.writer.write_hparams({k: str(v) if isinstance(v, tuple) else v for k, v in config.items()})
     report_progress = periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.writer)
-    validation_y = self.parallel.replicate(
+    validation_y = np.asarray(
         input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE))
     step = int(state.step)
     last_log_step, last_log_time = step, time.perf_counter()
@@ -388,10 +394,11 @@ class _Run:
     })
     return restored
 
-  def _evaluate_and_checkpoint(self, state: TrainState, validation_y: jax.Array) -> TrainState:
+  def _evaluate_and_checkpoint(self, state: TrainState, validation_y: np.ndarray) -> TrainState:
     """Validation metrics, diagnostics and samples; saves latest and (if improved) best."""
     step = int(state.step)
-    metrics = evaluate(self.eval_step, state.params, validation_y, self.config.eval_batch_size)
+    metrics = evaluate(self.eval_step, state.params, validation_y, self.config.eval_batch_size,
+                       self.parallel.put_batch)
     improved = metrics["ll"] > float(state.best_validation_ll)
     state = state.replace(
         best_validation_ll=jnp.maximum(state.best_validation_ll, metrics["ll"]),
@@ -415,9 +422,8 @@ class _Run:
     """Test metrics of the best-by-validation params (restored from their checkpoint)."""
     abstract_params = self.abstract_state().params
     step, params = self.checkpoints.restore_best_params(abstract_params)
-    test_y = self.parallel.replicate(
-        input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE))
-    metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size)
+    test_y = np.asarray(input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE))
+    metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size, self.parallel.put_batch)
     metrics["step"] = step
     logging.info("test (best checkpoint, step %d): LL %.2f ± %.2f logit nats, %.4f ± %.4f bits/dim",
                  step, metrics["ll"], metrics["ll_2se"], metrics["bpd"], metrics["bpd_2se"])
