@@ -25,12 +25,12 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str):
     root = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax needs absolute paths.
-    self.latest = ocp.CheckpointManager(
-        os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    )
-    self.best = ocp.CheckpointManager(
-        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    )
+    # Across processes, two managers finalising asynchronous saves at once collide on Orbax's
+    # barrier names; there, save synchronously.
+    options = lambda keep: ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1)
+    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(2))
+    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1))
 
   def save_latest(self, step: int, state: PyTree) -> None:
     self.latest.save(step, args=ocp.args.StandardSave(state))
