@@ -22,3 +22,13 @@ def random_flow_params(model: fr.FlowMLP, width: int, seed: int, scale: float = 
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
   noisy = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA compilation cache for the session: the many short training runs of the
+  suite compile the same programs again (each run jits fresh closures)."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
