@@ -37,8 +37,7 @@ def run(config, workdir):
 
 def restore_latest(config, workdir):
   model, tx = train.create_model(config), train.create_optimizer(config, total_steps=1)
-  abstract = jax.eval_shape(lambda: train.initial_state(model, tx, 784, config.seed))
-  abstract = parallel.DataParallel.over_all_devices().abstract_replicated(abstract)
+  abstract = train.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
   return checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
 
 

@@ -34,8 +34,7 @@ def parallel_config():
 def final_params(workdir):
   config = parallel_config()
   model, tx = train.create_model(config), train.create_optimizer(config, total_steps=1)
-  abstract = jax.eval_shape(lambda: train.initial_state(model, tx, 784, config.seed))
-  abstract = parallel.DataParallel.over_all_devices().abstract_replicated(abstract)
+  abstract = train.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
   state = checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
   assert int(state.step) == 2 * NUM_EXAMPLES // config.batch_size
   return jax.tree_util.tree_leaves(state.params)

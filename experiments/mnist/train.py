@@ -105,6 +105,13 @@ def initial_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_featu
   )
 
 
+def abstract_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int,
+                   data_parallel: parallel.DataParallel) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the train state: the target for restoring."""
+  return data_parallel.abstract_replicated(
+      jax.eval_shape(lambda: initial_state(model, tx, num_features, seed)))
+
+
 def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
   """One relative-gradient step (state, y (B, D)) → state, recording a non-finite loss."""
 
@@ -282,7 +289,7 @@ class _Run:
     return jax.jit(make, out_shardings=self.parallel.replicated)()
 
   def abstract_state(self) -> TrainState:
-    return self.parallel.abstract_replicated(jax.eval_shape(self.make_initial_state))
+    return abstract_state(self.model, self.tx, self.splits.num_features, self.config.seed, self.parallel)
 
   def initial_or_restored_state(self) -> TrainState:
     state = self.checkpoints.restore_latest(self.abstract_state())
