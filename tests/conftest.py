@@ -32,3 +32,10 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   yield
+
+
+@pytest.fixture(scope="session")
+def maf_release_dir(tmp_path_factory):
+  """A folder laid out like the MAF benchmark release, with small synthetic files."""
+  from maf_release import write_release  # pylint: disable=g-import-not-at-top
+  return write_release(str(tmp_path_factory.mktemp("maf_release")))

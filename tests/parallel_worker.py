@@ -1,4 +1,4 @@
-"""Runs the MNIST program on mock data in a fresh process with N virtual CPU devices.
+"""Runs the training program on mock data in a fresh process with N virtual CPU devices.
 
     python tests/parallel_worker.py WORKDIR NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
@@ -19,8 +19,8 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_parallel import NUM_EXAMPLES, parallel_config  # pylint: disable=g-import-not-at-top
-from experiments.mnist import parallel
-from experiments.mnist import train
+from experiments.training import parallel
+from experiments.training import loop
 
 
 def main():
@@ -30,14 +30,14 @@ def main():
   parallel.initialize_distributed(config)
   data_parallel = parallel.DataParallel.over_all_devices()
   rows = data_parallel.local_rows(config.batch_size)
-  local = {"images": np.zeros((2, rows.stop - rows.start, 784), np.uint8), "batch_index": np.arange(2, dtype=np.int32)}
+  local = {"examples": np.zeros((2, rows.stop - rows.start, 784), np.uint8), "batch_index": np.arange(2, dtype=np.int32)}
   chunk = data_parallel.put_chunk(local, config.batch_size)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    train.train_and_evaluate(config, sys.argv[1])
+    loop.train_and_evaluate(config, sys.argv[1])
   print(json.dumps({
       "devices": jax.device_count(), "processes": jax.process_count(),
-      "chunk_shape": list(chunk["images"].shape), "chunk_spec": str(chunk["images"].sharding.spec),
-      "shard_shape": list(chunk["images"].addressable_shards[0].data.shape),
+      "chunk_shape": list(chunk["examples"].shape), "chunk_spec": str(chunk["examples"].sharding.spec),
+      "shard_shape": list(chunk["examples"].addressable_shards[0].data.shape),
       "eval_spec": str(data_parallel.put_batch(np.zeros((8, 784), np.float32)).sharding.spec),
   }))
 

@@ -1,7 +1,6 @@
 """End-to-end tests of `python -m experiments.mnist` on tfds mock data (no download)."""
 
 import glob
-import importlib
 import os
 import re
 import shutil
@@ -14,10 +13,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from experiments.mnist import checkpoints
-from experiments.mnist import input_pipeline
-from experiments.mnist import parallel
-from experiments.mnist import train
+from experiments.training import checkpoints
+from experiments.training import data
+from experiments.training import images
+from experiments.training import loop
+from experiments.training import parallel
 from experiments.mnist.configs import test as test_config
 
 NUM_MOCK_EXAMPLES = 16  # Per split: 4 steps of batch 4 per epoch.
@@ -32,12 +32,12 @@ def mock_config(**overrides):
 
 def run(config, workdir):
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
-    return train.train_and_evaluate(config, str(workdir))
+    return loop.train_and_evaluate(config, str(workdir))
 
 
 def restore_latest(config, workdir):
-  model, tx = train.create_model(config), train.create_optimizer(config, total_steps=1)
-  abstract = train.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
+  model, tx = loop.create_model(config), loop.create_optimizer(config, total_steps=1)
+  abstract = loop.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
   return checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
 
 
@@ -68,13 +68,13 @@ def test_end_to_end_writes_metrics_images_checkpoints(finished_run):
   state = restore_latest(config, workdir)
   assert int(state.step) == 2 * NUM_MOCK_EXAMPLES // config.batch_size
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
-    again = train.evaluate_best(config, str(workdir))
+    again = loop.evaluate_best(config, str(workdir))
   assert again == test_metrics
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(finished_run, tmp_path, monkeypatch):
   config, uninterrupted_dir, _ = finished_run
-  original = input_pipeline.prefetch_to_device
+  original = data.prefetch_to_device
   chunks_seen = []
 
   def crash_after_three_chunks(chunks, size=2):
@@ -84,11 +84,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(finished_run, tmp_p
       chunks_seen.append(chunk)
       yield chunk
 
-  monkeypatch.setattr(input_pipeline, "prefetch_to_device", crash_after_three_chunks)
+  monkeypatch.setattr(data, "prefetch_to_device", crash_after_three_chunks)
   monkeypatch.chdir(tmp_path)  # A relative --workdir, as users type it.
   with pytest.raises(KeyboardInterrupt):
     run(config, "resumed")
-  monkeypatch.setattr(input_pipeline, "prefetch_to_device", original)
+  monkeypatch.setattr(data, "prefetch_to_device", original)
   assert int(restore_latest(config, tmp_path / "resumed").step) == 7
   run(config, "resumed")
   resumed = restore_latest(config, tmp_path / "resumed")
@@ -112,7 +112,7 @@ def test_corrupt_checkpoint_gives_clear_error(finished_run, tmp_path):
       file.write(b"garbage")
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
     with pytest.raises(ValueError, match="Cannot restore the checkpoint"):
-      train.evaluate_best(config, str(copy))
+      loop.evaluate_best(config, str(copy))
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
@@ -128,17 +128,17 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_p
 def test_missing_dataset_names_the_fix(tmp_path):
   config = test_config.get_config()
   config.data_dir = str(tmp_path)
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="manual_dir"):
-    input_pipeline.load_splits(config)
+  with pytest.raises(data.DatasetNotFoundError, match="manual_dir"):
+    images.load_splits(config)
   config.dataset = "mnistt"
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="no dataset named 'mnistt'"):
-    input_pipeline.load_splits(config)
+  with pytest.raises(data.DatasetNotFoundError, match="no dataset named 'mnistt'"):
+    images.load_splits(config)
 
 
 def test_wrong_image_shape_is_refused():
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises(ValueError, match=r"shape \(28, 28, 1\), but config.image_shape is \(32, 32, 3\)"):
-      input_pipeline.load_splits(mock_config(image_shape=(32, 32, 3)))
+      images.load_splits(mock_config(image_shape=(32, 32, 3)))
 
 
 def test_command_line_config_typo_is_refused(tmp_path):
@@ -155,12 +155,12 @@ def test_command_line_config_typo_is_refused(tmp_path):
     ("lam", 0.5, r"lam must lie in \(0, 0.5\)"),
     ("on_divergence", "ignore", "on_divergence='ignore' is not one of"),
     ("kernel_init", "xavier", "kernel_init='xavier' is not one of"),
+    ("data_source", "video", "data_source='video' is not one of"),
 ])
-def test_config_values_out_of_range_are_refused(field, value, message):
-  config = mock_config(**{field: value})
+def test_config_values_out_of_range_are_refused(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
-    train.create_model(config)
+    run(mock_config(**{field: value}), tmp_path)
+
 
 def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path):
   """lr 1e8 makes step 2's loss non-finite, which condemns the parameters of step 1: "restore"
@@ -187,7 +187,7 @@ def test_exploding_loss_is_a_divergence(finished_run):
   config, workdir, _ = finished_run
   config = mock_config(divergence_nats=50.0)
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
-    run_ = train._Run(config, str(workdir), input_pipeline.load_splits(config))  # pylint: disable=protected-access
+    run_ = loop._Run(config, str(workdir), data.load_source(config))  # pylint: disable=protected-access
   state = restore_latest(config, workdir).replace(lowest_train_nll=np.float32(1000.0))
   assert run_._divergence(state, 1049.0, 2, 4) is None  # pylint: disable=protected-access
   reason, good_step = run_._divergence(state, 1051.0, 2, 4)  # pylint: disable=protected-access
@@ -196,26 +196,11 @@ def test_exploding_loss_is_a_divergence(finished_run):
 
 def test_learning_rate_schedules():
   config = mock_config(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine", final_lr_fraction=0.1)
-  schedule = train.learning_rate_schedule(config, total_steps=110)
+  schedule = loop.learning_rate_schedule(config, total_steps=110)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(110)], [0, 5e-4, 1e-3, 1e-4], rtol=1e-5)
   config.lr_schedule = "constant"
-  schedule = train.learning_rate_schedule(config, total_steps=110)
+  schedule = loop.learning_rate_schedule(config, total_steps=110)
   np.testing.assert_allclose([schedule(5), schedule(10), schedule(100)], [5e-4, 1e-3, 1e-3], rtol=1e-5)
   config.lr_schedule = "linear"
   with pytest.raises(ValueError, match="lr_schedule='linear'"):
-    train.learning_rate_schedule(config, total_steps=110)
-
-
-SHIPPED_CONFIGS = sorted(  # default.py runs end to end above, through test.py (default, smaller).
-    name[:-3] for name in os.listdir(os.path.join(os.path.dirname(train.__file__), "configs"))
-    if name.endswith(".py") and name not in ("__init__.py", "test.py", "default.py")
-)
-
-
-@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
-def test_shipped_config_builds_and_trains_a_few_steps(name, tmp_path):
-  config = importlib.import_module(f"experiments.mnist.configs.{name}").get_config()
-  config.update(download=True, batch_size=4, num_epochs=1, eval_batch_size=8, num_samples=4,
-                warmup_steps=min(config.warmup_steps, 2))
-  metrics = run(config, tmp_path)
-  assert np.isfinite(metrics["ll"])
+    loop.learning_rate_schedule(config, total_steps=110)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.mnist import checkpoints
-from experiments.mnist import parallel
-from experiments.mnist import train
+from experiments.training import checkpoints
+from experiments.training import parallel
+from experiments.training import loop
 from experiments.mnist.configs import test as test_config
 
 NUM_EXAMPLES = 16
@@ -33,8 +33,8 @@ def parallel_config():
 
 def final_params(workdir):
   config = parallel_config()
-  model, tx = train.create_model(config), train.create_optimizer(config, total_steps=1)
-  abstract = train.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
+  model, tx = loop.create_model(config), loop.create_optimizer(config, total_steps=1)
+  abstract = loop.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
   state = checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
   assert int(state.step) == 2 * NUM_EXAMPLES // config.batch_size
   return jax.tree_util.tree_leaves(state.params)
@@ -44,7 +44,7 @@ def final_params(workdir):
 def single_device_params(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("single")
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    train.train_and_evaluate(parallel_config(), str(workdir))
+    loop.train_and_evaluate(parallel_config(), str(workdir))
   return final_params(workdir)
 
 

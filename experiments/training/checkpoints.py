@@ -16,7 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 PyTree = Any
-MODEL_FIELDS = ("dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam")
+MODEL_FIELDS = ("data_source", "dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam")
 """Config fields that must match for checkpoints to be reusable."""
 
 
@@ -83,7 +83,8 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as file:
       saved = json.load(file)
-    changed = {k: (saved.get(k), current[k]) for k in MODEL_FIELDS if saved.get(k) != current[k]}
+    changed = {k: (saved[k], current[k]) for k in MODEL_FIELDS
+               if k in saved and k in current and saved[k] != current[k]}
     if changed:
       raise ValueError(
           f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "

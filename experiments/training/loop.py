@@ -1,8 +1,10 @@
-"""Maximum-likelihood training of a dense flow on tfds images with relative gradients.
+"""Maximum-likelihood training of a dense flow with relative gradients, for any `DataSource`.
 
 `train_and_evaluate(config, workdir)` runs the CLU loop: jitted relative-gradient steps,
-TensorBoard metrics, sample grids, Orbax checkpoints (latest state for resuming, best
-parameters by validation likelihood), early stopping, and a final test evaluation.
+TensorBoard metrics, the source's picture (sample grid, 2-D density), Orbax checkpoints
+(latest state for resuming, best parameters by validation likelihood), early stopping,
+divergence handling, and a final test evaluation. Every dataset goes through this one loop;
+`config.data_source` picks the data (see `data.load_source`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import numpy as np
 import optax
 
 import flax_relgrad as fr
-from experiments.mnist import checkpoints
-from experiments.mnist import input_pipeline
-from experiments.mnist import parallel
+from experiments.training import checkpoints
+from experiments.training import data
+from experiments.training import parallel
 
 PyTree = Any
 
@@ -133,23 +135,24 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
   return train_step
 
 
-def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                     data_parallel: parallel.DataParallel):
+def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, source: data.DataSource,
+                     seed: int, data_parallel: parallel.DataParallel):
   """A jitted (state, chunk, epoch) → state running k train steps in one call (`lax.scan`).
 
-  `chunk` holds uint8 images (k, B, D), sharded along B over the `data` mesh, and their batch
-  indices (k,); each batch is dequantised on the devices with noise keyed by (seed, epoch,
-  batch index). The state is replicated and its old buffers are donated.
+  `chunk` holds raw records (k, B, D), sharded along B over the `data` mesh, and their batch
+  indices (k,); each batch is preprocessed on the devices (`source.preprocess`) with
+  randomness keyed by (seed, epoch, batch index). The state is replicated and its old
+  buffers are donated.
   """
   train_step = make_train_step(model, tx)
 
   def train_chunk(state: TrainState, chunk: dict[str, jax.Array], epoch: jax.Array) -> TrainState:
-    def body(state, images_and_index):
-      images, batch_index = images_and_index
-      key = input_pipeline.noise_key(config.seed, input_pipeline.TRAIN_NOISE, epoch, batch_index)
-      return train_step(state, input_pipeline.dequantize_and_logit(images, key, config.lam)), None
+    def body(state, examples_and_index):
+      examples, batch_index = examples_and_index
+      key = data.noise_key(seed, data.TRAIN_NOISE, epoch, batch_index)
+      return train_step(state, source.preprocess(examples, key, training=True)), None
 
-    return jax.lax.scan(body, state, (chunk["images"], chunk["batch_index"]))[0]
+    return jax.lax.scan(body, state, (chunk["examples"], chunk["batch_index"]))[0]
 
   replicated = data_parallel.replicated
   return jax.jit(
@@ -158,14 +161,18 @@ def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, config
   )
 
 
-def make_eval_step(model: fr.FlowMLP, lam: float, data_parallel: parallel.DataParallel):
+LIKELIHOOD_PARTS = ("activation_log_det", "gaussian")
+
+
+def make_eval_step(model: fr.FlowMLP, source: data.DataSource, data_parallel: parallel.DataParallel):
   """A jitted (params, y (N, D)) → per-example arrays (N,) of the log-likelihood and its parts.
 
   y may be sharded along N (see `DataParallel.put_batch`); the outputs are replicated, so
   every host can read them.
 
-  Keys: `ll` (log p(y), logit nats), `bpd` (bits/dim of the pixels), `activation_log_det`
-  (Σ log σ'(y_k)) and `gaussian` (log N(z)); ll = gaussian + activation_log_det + Σ log|det W|.
+  Keys: `ll` (log p(y), nats of the model's input space), `activation_log_det`
+  (Σ log σ'(y_k)) and `gaussian` (log N(z)), with ll = gaussian + activation_log_det +
+  Σ log|det W|; and the source's extra metrics (images: `bpd`, bits/dim of the pixels).
   """
 
   def eval_step(params: PyTree, y: jax.Array) -> dict[str, jax.Array]:
@@ -173,16 +180,15 @@ def make_eval_step(model: fr.FlowMLP, lam: float, data_parallel: parallel.DataPa
     z, activation_log_det = model.apply(variables, y, method=fr.FlowMLP.forward_and_activation_log_det)
     gaussian = fr.standard_normal_log_prob(z)
     log_prob = gaussian + activation_log_det + model.apply(variables, method=fr.FlowMLP.kernel_log_abs_det)
-    return {
-        "ll": log_prob, "bpd": input_pipeline.bits_per_dim(log_prob, y, lam),
-        "activation_log_det": activation_log_det, "gaussian": gaussian,
-    }
+    return {"ll": log_prob, "activation_log_det": activation_log_det, "gaussian": gaussian,
+            **source.extra_metrics(log_prob, y)}
 
   return jax.jit(eval_step, out_shardings=data_parallel.replicated)
 
 
 def evaluate(eval_step, params: PyTree, y: np.ndarray, batch_size: int, put=jax.device_put) -> dict[str, float]:
-  """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors of `ll` and `bpd`.
+  """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors (`<key>_2se`) of all
+  but the likelihood parts.
 
   Each batch of y (host memory) is placed on the devices by `put`.
   """
@@ -190,7 +196,7 @@ def evaluate(eval_step, params: PyTree, y: np.ndarray, batch_size: int, put=jax.
   values = {key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]}
   two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
   metrics = {key: float(value.mean()) for key, value in values.items()}
-  metrics.update(ll_2se=two_se(values["ll"]), bpd_2se=two_se(values["bpd"]))
+  metrics.update({f"{key}_2se": two_se(value) for key, value in values.items() if key not in LIKELIHOOD_PARTS})
   return metrics
 
 
@@ -209,32 +215,10 @@ def kernel_diagnostics(params: PyTree) -> dict[str, float]:
   return diagnostics
 
 
-def make_sampler(model: fr.FlowMLP, num_samples: int, image_shape: tuple[int, int, int], lam: float):
-  """A jitted (params, rng) → images (num_samples, H, W, C) in [0, 1]: inverse flow, inverse logit."""
-
-  def sample(params: PyTree, rng: jax.Array) -> jax.Array:
-    y = model.apply({"params": params}, rng, num_samples, method=fr.FlowMLP.sample)
-    pixels = jnp.nan_to_num(input_pipeline.logit_to_pixels(y, lam), nan=0.0)
-    return pixels.reshape(num_samples, *image_shape)
-
-  return jax.jit(sample)
-
-
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """Tiles images (N, H, W, C) into one (rows·H, columns·W, C) grid, about square."""
-  count, height, width, channels = images.shape
-  columns = math.ceil(math.sqrt(count))
-  rows = math.ceil(count / columns)
-  padded = np.zeros((rows * columns, height, width, channels), images.dtype)
-  padded[:count] = images
-  grid = padded.reshape(rows, columns, height, width, channels).transpose(0, 2, 1, 3, 4)
-  return grid.reshape(rows * height, columns * width, channels)
-
-
-def save_png(path: str, grid: np.ndarray) -> None:
-  """Writes a (H, W, C) grid in [0, 1] as a PNG, atomically."""
+def save_png(path: str, picture: np.ndarray) -> None:
+  """Writes a (H, W, C) picture in [0, 1] (grey, RGB or RGBA) as a PNG, atomically."""
   temporary = path + ".tmp.png"
-  image = grid[..., 0] if grid.shape[-1] == 1 else grid
+  image = picture[..., 0] if picture.shape[-1] == 1 else picture
   plt.imsave(temporary, image, cmap="gray", vmin=0.0, vmax=1.0)
   os.replace(temporary, path)
 
@@ -242,13 +226,11 @@ def save_png(path: str, grid: np.ndarray) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first out-of-range field."""
   for field in ("batch_size", "steps_per_call", "num_epochs", "log_every_steps", "eval_every_epochs",
-                "eval_batch_size", "num_samples"):
+                "eval_batch_size"):
     if int(config[field]) < 1:
       raise ValueError(f"config.{field} must be a positive integer, got {config[field]}.")
   if config.checkpoint_every_steps < 0:
     raise ValueError(f"config.checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}.")
-  if not 0.0 < config.lam < 0.5:
-    raise ValueError(f"config.lam must lie in (0, 0.5), got {config.lam}.")
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
   if config.on_divergence not in ("stop", "restore"):
@@ -260,11 +242,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field} must be >= 0, got {config[field]}.")
 
 
+def describe(metrics: dict[str, float]) -> str:
+  """"LL −1375.78 ± 1.39 nats[, 2.0303 ± 0.0060 bits/dim]" from evaluation metrics."""
+  text = f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} nats"
+  if "bpd" in metrics:
+    text += f", {metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim"
+  return text
+
+
 class _Run:
   """One training run: the model, its jitted functions, data, writer and checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, splits: input_pipeline.Splits):
-    self.config, self.workdir, self.splits = config, workdir, splits
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, source: data.DataSource):
+    self.config, self.workdir, self.source = config, workdir, source
+    splits = self.splits = source.splits
     self.steps_per_epoch = splits.num_train // config.batch_size
     if self.steps_per_epoch < 1:
       raise ValueError(f"The training split has {splits.num_train} examples, fewer than one batch.")
@@ -276,9 +267,9 @@ class _Run:
     self.writer = None  # Created by `train`: evaluation alone writes no event file.
     self.parallel = parallel.DataParallel.over_all_devices()
     self.local_rows = self.parallel.local_rows(config.batch_size)
-    self.train_chunk = make_train_chunk(self.model, self.tx, config, self.parallel)
-    self.eval_step = make_eval_step(self.model, config.lam, self.parallel)
-    self.sample = make_sampler(self.model, config.num_samples, splits.image_shape, config.lam)
+    self.train_chunk = make_train_chunk(self.model, self.tx, source, config.seed, self.parallel)
+    self.eval_step = make_eval_step(self.model, source, self.parallel)
+    self.picture = source.make_picture(self.model)
     self.kernel_log_det = jax.jit(
         lambda params: self.model.apply({"params": params}, method=fr.FlowMLP.kernel_log_abs_det)
     )
@@ -306,16 +297,16 @@ class _Run:
       self.writer.write_hparams({k: str(v) if isinstance(v, tuple) else v for k, v in config.items()})
     report_progress = periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.writer)
     validation_y = np.asarray(
-        input_pipeline.eval_array(self.splits.validation, config, input_pipeline.VALIDATION_NOISE))
+        data.eval_array(self.source, self.splits.validation, config.seed, data.VALIDATION_NOISE))
     step = int(state.step)
     last_log_step, last_log_time = step, time.perf_counter()
     stop = int(state.evals_since_best) >= config.patience
     crossed = lambda every, before, after: every > 0 and after // every > before // every
     while step < self.total_steps and not stop:
       epoch, skip = divmod(step, self.steps_per_epoch)
-      local_chunks = input_pipeline.train_chunks(self.splits, config, epoch, skip, self.local_rows)
+      local_chunks = data.train_chunks(self.splits, config, epoch, skip, self.local_rows)
       put = lambda local_chunk: self.parallel.put_chunk(local_chunk, config.batch_size)
-      for chunk in input_pipeline.prefetch_to_device(local_chunks, put):
+      for chunk in data.prefetch_to_device(local_chunks, put):
         state = self.train_chunk(state, chunk, epoch)
         previous, step = step, step + chunk["batch_index"].shape[0]
         report_progress(step)
@@ -402,7 +393,7 @@ class _Run:
     return restored
 
   def _evaluate_and_checkpoint(self, state: TrainState, validation_y: np.ndarray) -> TrainState:
-    """Validation metrics, diagnostics and samples; saves latest and (if improved) best."""
+    """Validation metrics, diagnostics and the picture; saves latest and (if improved) best."""
     step = int(state.step)
     metrics = evaluate(self.eval_step, state.params, validation_y, self.config.eval_batch_size,
                        self.parallel.put_batch)
@@ -414,26 +405,25 @@ class _Run:
     if improved:
       self.checkpoints.save_best(step, state.params, metrics["ll"])
     self.checkpoints.save_latest(step, state)
-    sample_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
-    grid = image_grid(np.asarray(self.sample(state.params, sample_rng)))
     self.writer.write_scalars(step, {f"validation/{k}": v for k, v in metrics.items()})
     self.writer.write_scalars(step, kernel_diagnostics(state.params))
-    self.writer.write_images(step, {"samples": grid[None]})
-    if jax.process_index() == 0:
-      save_png(os.path.join(self.workdir, "samples.png"), grid)
-    logging.info("step %d: validation LL %.2f ± %.2f nats, %.4f bits/dim",
-                 step, metrics["ll"], metrics["ll_2se"], metrics["bpd"])
+    if self.picture is not None:
+      sample_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
+      picture = self.picture(state.params, sample_rng)
+      self.writer.write_images(step, {self.source.picture_name: picture[None]})
+      if jax.process_index() == 0:
+        save_png(os.path.join(self.workdir, f"{self.source.picture_name}.png"), picture)
+    logging.info("step %d: validation %s", step, describe(metrics))
     return state
 
   def test_best(self) -> dict[str, float]:
     """Test metrics of the best-by-validation params (restored from their checkpoint)."""
     abstract_params = self.abstract_state().params
     step, params = self.checkpoints.restore_best_params(abstract_params)
-    test_y = np.asarray(input_pipeline.eval_array(self.splits.test, self.config, input_pipeline.TEST_NOISE))
+    test_y = np.asarray(data.eval_array(self.source, self.splits.test, self.config.seed, data.TEST_NOISE))
     metrics = evaluate(self.eval_step, params, test_y, self.config.eval_batch_size, self.parallel.put_batch)
     metrics["step"] = step
-    logging.info("test (best checkpoint, step %d): LL %.2f ± %.2f logit nats, %.4f ± %.4f bits/dim",
-                 step, metrics["ll"], metrics["ll_2se"], metrics["bpd"], metrics["bpd_2se"])
+    logging.info("test (best checkpoint, step %d): %s", step, describe(metrics))
     return metrics
 
 
@@ -445,9 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  splits = input_pipeline.load_splits(config)
+  source = data.load_source(config)
   checkpoints.record_config(config, workdir)
-  run = _Run(config, workdir, splits)
+  run = _Run(config, workdir, source)
   try:
     state = run.train(run.initial_or_restored_state())
   finally:  # Also on errors and Ctrl-C: let in-flight (atomic) checkpoint writes finish.
@@ -459,7 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Test log-likelihood ± 2 SE (logit nats) and bits/dim of the best checkpoint in `workdir`."""
+  """Test log-likelihood ± 2 SE (and bits/dim for images) of the best checkpoint in `workdir`."""
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  return _Run(config, workdir, input_pipeline.load_splits(config)).test_best()
+  return _Run(config, workdir, data.load_source(config)).test_best()

@@ -1,4 +1,4 @@
-"""The MNIST input pipeline: dequantisation, logit, bits/dim, order, splits on real data."""
+"""Image data: dequantisation, logit, bits/dim, flips, batch order, splits of real MNIST."""
 
 import math
 import os
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.mnist import input_pipeline
+from experiments.training import data
+from experiments.training import images
 from experiments.mnist.configs import default
 
 MNIST_FILES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
@@ -18,11 +19,11 @@ LAM = 1e-6
 
 def test_dequantize_and_logit_range_and_inverse():
   pixels = jnp.arange(256, dtype=jnp.uint8).reshape(4, 64)
-  y = input_pipeline.dequantize_and_logit(pixels, jax.random.PRNGKey(0), LAM)
+  y = images.dequantize_and_logit(pixels, jax.random.PRNGKey(0), LAM)
   assert y.shape == (4, 64) and y.dtype == jnp.float32
   bound = math.log((1 - LAM) / LAM)  # |logit(λ + (1−2λ)x)| for x ∈ [0, 1]
   assert float(jnp.max(jnp.abs(y))) <= bound + 1e-3
-  x = input_pipeline.logit_to_pixels(y, LAM)
+  x = images.logit_to_pixels(y, LAM)
   # x = (p + u)/256 with u ∈ [0, 1): the pixel is recovered by flooring.
   np.testing.assert_array_equal(np.floor(np.asarray(x) * 256 + 1e-3).astype(np.uint8), np.asarray(pixels))
   noise = np.asarray(x) * 256 - np.asarray(pixels)
@@ -30,9 +31,8 @@ def test_dequantize_and_logit_range_and_inverse():
 
 
 def test_noise_is_a_pure_function_of_its_counters():
-  images = jnp.zeros((2, 8), jnp.uint8)
-  draw = lambda *counters: input_pipeline.dequantize_and_logit(
-      images, input_pipeline.noise_key(0, *counters), LAM)
+  pixels = jnp.zeros((2, 8), jnp.uint8)
+  draw = lambda *counters: images.dequantize_and_logit(pixels, data.noise_key(0, *counters), LAM)
   np.testing.assert_array_equal(draw(0, 3, 5), draw(0, 3, 5))
   assert not np.allclose(draw(0, 3, 5), draw(0, 4, 5))  # Another epoch: fresh noise.
   assert not np.allclose(draw(1, 3, 5), draw(2, 3, 5))  # Validation vs test streams.
@@ -47,26 +47,36 @@ def test_bits_per_dim_matches_change_of_variables_by_autodiff(float64):
   to_logit = lambda x: jnp.log(LAM + (1 - 2 * LAM) * x) - jnp.log1p(-(LAM + (1 - 2 * LAM) * x))
   log_dy_dx = jnp.log(jax.vmap(jax.vmap(jax.grad(to_logit)))(x)).sum(-1)
   expected = -(log_prob_y + log_dy_dx - 5 * math.log(256)) / (5 * math.log(2))
-  np.testing.assert_allclose(input_pipeline.bits_per_dim(log_prob_y, y, LAM), expected, rtol=1e-10)
+  np.testing.assert_allclose(images.bits_per_dim(log_prob_y, y, LAM), expected, rtol=1e-10)
 
 
 def mock_splits(config):
   with tfds.testing.mock_data(num_examples=24):
-    return input_pipeline.load_splits(config)
+    return images.load_splits(config)
 
 
 def test_train_chunks_resume_gives_the_same_later_batches():
   config = default.get_config()
   config.update(download=True, batch_size=4, steps_per_call=2)
   splits = mock_splits(config)
-  full = list(input_pipeline.train_chunks(splits, config, epoch=1).as_numpy_iterator())
-  resumed = list(input_pipeline.train_chunks(splits, config, epoch=1, skip_batches=3).as_numpy_iterator())
+  full = list(data.train_chunks(splits, config, epoch=1).as_numpy_iterator())
+  resumed = list(data.train_chunks(splits, config, epoch=1, skip_batches=3).as_numpy_iterator())
   assert [c["batch_index"].tolist() for c in full] == [[0, 1], [2, 3], [4, 5]]
   assert [c["batch_index"].tolist() for c in resumed] == [[3, 4], [5]]
-  np.testing.assert_array_equal(full[1]["images"][1], resumed[0]["images"][0])
-  assert full[0]["images"].shape == (2, 4, 784) and full[0]["images"].dtype == np.uint8
-  other_epoch = next(input_pipeline.train_chunks(splits, config, epoch=2).as_numpy_iterator())
-  assert not np.array_equal(other_epoch["images"], full[0]["images"])
+  np.testing.assert_array_equal(full[1]["examples"][1], resumed[0]["examples"][0])
+  assert full[0]["examples"].shape == (2, 4, 784) and full[0]["examples"].dtype == np.uint8
+  other_epoch = next(data.train_chunks(splits, config, epoch=2).as_numpy_iterator())
+  assert not np.array_equal(other_epoch["examples"], full[0]["examples"])
+
+
+def test_random_horizontal_flip_mirrors_about_half_of_the_images():
+  shape = (2, 3, 2)  # H, W, C
+  batch = jnp.arange(64 * 12, dtype=jnp.int32).reshape(64, 12)
+  flipped = np.asarray(images.random_horizontal_flip(batch, jax.random.PRNGKey(0), shape)).reshape(64, *shape)
+  original = np.asarray(batch).reshape(64, *shape)
+  mirrored = np.all(flipped == original[:, :, ::-1, :], axis=(1, 2, 3))
+  assert np.all(mirrored | np.all(flipped == original, axis=(1, 2, 3)))
+  assert 16 < mirrored.sum() < 48
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +86,20 @@ def real_mnist(tmp_path_factory):
   config = default.get_config()
   config.data_dir = str(tmp_path_factory.mktemp("tfds"))
   config.manual_dir = MNIST_FILES
-  return config, input_pipeline.load_splits(config)  # Prepares tfds offline from the IDX files.
+  return config, images.ImageSource(config)  # Prepares tfds offline from the IDX files.
 
 
 def test_real_mnist_split_sizes_and_values(real_mnist):
-  config, splits = real_mnist
+  config, source = real_mnist
+  splits = source.splits
   assert splits.num_train == 50_000 and splits.num_features == 784
   assert sum(1 for _ in splits.validation) == 10_000
-  test_y = input_pipeline.eval_array(splits.test, config, input_pipeline.TEST_NOISE)
+  test_y = data.eval_array(source, splits.test, config.seed, data.TEST_NOISE)
   assert test_y.shape == (10_000, 784)
   np.testing.assert_array_equal(
-      test_y, input_pipeline.eval_array(splits.test, config, input_pipeline.TEST_NOISE))
+      test_y, data.eval_array(source, splits.test, config.seed, data.TEST_NOISE))
   # Σ 256·x = Σ pixels + Σ u: the known pixel sum (shared/datasets/mnist/README.md) plus
   # N/2 ± a few sqrt(N/12) for N uniform noise draws.
-  scaled = np.asarray(input_pipeline.logit_to_pixels(test_y, config.lam), np.float64) * 256
+  scaled = np.asarray(images.logit_to_pixels(test_y, config.lam), np.float64) * 256
   count = scaled.size
   assert abs(scaled.sum() - 264_923_200 - count / 2) < 5 * math.sqrt(count / 12)

@@ -52,9 +52,9 @@ class DataParallel:
 
   @property
   def chunk_sharding(self) -> dict[str, NamedSharding]:
-    """Train chunks {"images": (k, B, D) sharded along B, "batch_index": (k,) replicated}."""
+    """Train chunks {"examples": (k, B, D) sharded along B, "batch_index": (k,) replicated}."""
     return {
-        "images": NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS, None)),
+        "examples": NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS, None)),
         "batch_index": self.replicated,
     }
 
@@ -69,12 +69,12 @@ class DataParallel:
     return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
   def put_chunk(self, local_chunk: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
-    """Global chunk arrays from this host's rows (images (k, B/P, D) → (k, B, D))."""
-    images = local_chunk["images"]
-    global_shape = (images.shape[0], batch_size, images.shape[2])
+    """Global chunk arrays from this host's rows (examples (k, B/P, D) → (k, B, D))."""
+    examples = local_chunk["examples"]
+    global_shape = (examples.shape[0], batch_size, examples.shape[2])
     return {
-        "images": jax.make_array_from_process_local_data(
-            self.chunk_sharding["images"], images, global_shape),
+        "examples": jax.make_array_from_process_local_data(
+            self.chunk_sharding["examples"], examples, global_shape),
         "batch_index": jax.make_array_from_process_local_data(
             self.replicated, local_chunk["batch_index"]),
     }

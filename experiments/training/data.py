@@ -1,0 +1,164 @@
+"""What a dataset gives the training loop, and the one streaming path every dataset uses.
+
+A `DataSource` holds three splits as tf.data datasets of flat raw records (D,) — uint8
+pixels for images, float32 vectors for 2-D and tabular data — and says how a batch of raw
+records becomes model inputs y (B, D) on the device (`preprocess`), which per-example
+metrics besides the log-likelihood to report (`extra_metrics`), and what picture to draw
+at each evaluation (`make_picture`). `load_source(config)` picks the source named by
+`config.data_source`.
+
+tf.data streams shuffled raw batches, grouped into chunks of `steps_per_call` batches, to
+the devices; `preprocess` runs there, inside the jitted train step. Its randomness
+(dequantisation noise, augmentation) is a pure function of (seed, epoch, batch index), so a
+resumed run sees exactly the batches an uninterrupted run would; evaluation randomness is
+fixed by the seed, so validation and test numbers are reproducible.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+PyTree = Any
+Picture = Callable[[PyTree, jax.Array], np.ndarray]
+"""(params, rng) → an RGB(A) or grey picture (H, W, C) with values in [0, 1]."""
+
+TRAIN_NOISE, VALIDATION_NOISE, TEST_NOISE = 0, 1, 2
+"""Independent randomness streams for the three splits."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not where the config says, and the config gives no way to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """The three splits as cached datasets of flat raw records (D,), and their sizes."""
+
+  train: tf.data.Dataset
+  validation: tf.data.Dataset
+  test: tf.data.Dataset
+  num_train: int
+  num_features: int
+
+
+class DataSource(abc.ABC):
+  """A dataset as the training loop sees it."""
+
+  splits: Splits
+  picture_name: str = "samples"  # The picture is written to <workdir>/<picture_name>.png.
+
+  @abc.abstractmethod
+  def preprocess(self, raw: jax.Array, key: jax.Array, training: bool) -> jax.Array:
+    """Raw records (B, D) → float32 model inputs y (B, D); jit-able, randomness from `key`."""
+
+  def extra_metrics(self, log_prob: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+    """Per-example metrics (N,) besides the log-likelihood log p(y) (N,); none by default."""
+    del log_prob, y
+    return {}
+
+  def make_picture(self, model: Any) -> Picture | None:
+    """The picture drawn at each evaluation from the model's params, or None for none."""
+    del model
+    return None
+
+
+class ArraySource(DataSource):
+  """Real-valued records modelled as they are: y = the record as float32."""
+
+  def preprocess(self, raw: jax.Array, key: jax.Array, training: bool) -> jax.Array:
+    del key, training
+    return raw.astype(jnp.float32)
+
+
+def count(dataset: tf.data.Dataset) -> int:
+  """Number of elements of a finite dataset."""
+  cardinality = int(dataset.cardinality())
+  if cardinality >= 0:
+    return cardinality
+  return int(dataset.reduce(0, lambda total, _: total + 1))
+
+
+def arrays_to_splits(train: np.ndarray, validation: np.ndarray, test: np.ndarray) -> Splits:
+  """Splits from in-memory arrays (N_split, D): uint8 kept, anything else stored as float32."""
+  stored = lambda array: array if array.dtype == np.uint8 else np.asarray(array, np.float32)
+  as_dataset = lambda array: tf.data.Dataset.from_tensor_slices(stored(array)).cache()
+  return Splits(as_dataset(train), as_dataset(validation), as_dataset(test),
+                num_train=train.shape[0], num_features=train.shape[1])
+
+
+def noise_key(seed: int | jax.Array, *counters: int | jax.Array) -> jax.Array:
+  """A PRNG key that is a pure function of (seed, counters...): jit-able, traced counters ok."""
+  key = jax.random.PRNGKey(seed)
+  for counter in counters:
+    key = jax.random.fold_in(key, counter)
+  return key
+
+
+def train_chunks(
+    splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0,
+    rows: slice = slice(None),
+) -> tf.data.Dataset:
+  """One epoch of shuffled raw training batches, `steps_per_call` batches per element.
+
+  Each element is {"examples": (k, b, D) raw dtype, "batch_index": int32 (k,)} with k ≤
+  steps_per_call (the epoch's last chunk may be shorter) and b the number of `rows` of each
+  global batch of `config.batch_size` that this host feeds (all by default); the remainder of
+  the epoch that does not fill a batch is dropped. The order depends only on
+  (config.seed, epoch), the same on every host; `skip_batches` skips the epoch's first
+  batches (for resuming).
+  """
+  seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+  dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
+  dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
+  dataset = dataset.map(lambda index, examples: {
+      "examples": tf.reshape(examples, (config.batch_size, splits.num_features))[rows],
+      "batch_index": tf.cast(index, tf.int32),
+  })
+  return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_array(source: DataSource, dataset: tf.data.Dataset, seed: int, noise_stream: int) -> jax.Array:
+  """A whole evaluation split as y (N, D) on the device, preprocessed with fixed seeded noise."""
+  preprocess = jax.jit(lambda raw, key: source.preprocess(raw, key, training=False))
+  chunks = [
+      preprocess(raw.reshape(raw.shape[0], -1), noise_key(seed, noise_stream, index))
+      for index, raw in enumerate(dataset.batch(1000).as_numpy_iterator())
+  ]
+  return jnp.concatenate(chunks, axis=0)
+
+
+def prefetch_to_device(
+    batches: tf.data.Dataset, put: Callable[[Any], Any] = jax.device_put, size: int = 2
+) -> Iterator[Any]:
+  """Yields `put(element)` (a transfer to the devices), `size` elements ahead of the consumer."""
+  queue = []
+  for batch in batches.as_numpy_iterator():
+    queue.append(put(batch))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
+def load_source(config: ml_collections.ConfigDict) -> DataSource:
+  """The data source named by `config.data_source` ("images", "toy" or "tabular")."""
+  # Imported here: each source module pulls in only what its data needs.
+  # pylint: disable=g-import-not-at-top
+  if config.data_source == "images":
+    from experiments.training import images
+    return images.ImageSource(config)
+  if config.data_source == "toy":
+    from experiments.training import toy
+    return toy.ToySource(config)
+  if config.data_source == "tabular":
+    from experiments.training import tabular
+    return tabular.TabularSource(config)
+  raise ValueError(
+      f"config.data_source={config.data_source!r} is not one of ['images', 'tabular', 'toy'].")

@@ -1,0 +1,57 @@
+"""Every shipped config file builds its run and trains a few steps (mock or synthetic data)."""
+
+import glob
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.training import data
+from experiments.training import loop
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CONFIG_MODULES = sorted(
+    os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    for path in glob.glob(os.path.join(ROOT, "experiments", "*", "configs", "*.py"))
+    if not path.endswith("__init__.py")
+)
+
+
+def small(config, maf_release_dir):
+  """The config with data and run lengths cut to a few steps (the model and optimiser kept)."""
+  config.update(batch_size=4, steps_per_call=2, num_epochs=1, eval_batch_size=8,
+                warmup_steps=min(config.warmup_steps, 2))
+  if config.data_source == "images":
+    config.update(download=True, num_samples=4)
+  elif config.data_source == "toy":
+    config.update(num_train=16, num_validation=8, num_test=8)
+  else:
+    config.data_dir = maf_release_dir
+  return config
+
+
+def test_every_experiment_has_configs():
+  assert {"experiments.mnist.configs.default", "experiments.cifar10.configs.default",
+          "experiments.toy.configs.default", "experiments.tabular.configs.default"} <= set(CONFIG_MODULES)
+
+
+@pytest.mark.parametrize("module", CONFIG_MODULES)
+def test_shipped_config_builds_and_trains_a_few_steps(module, maf_release_dir, tmp_path):
+  config = small(importlib.import_module(module).get_config(), maf_release_dir)
+  loop.validate_config(config)
+  with tfds.testing.mock_data(num_examples=16):
+    source = data.load_source(config)
+    run = loop._Run(config, str(tmp_path), source)  # pylint: disable=protected-access
+    put = lambda local_chunk: run.parallel.put_chunk(local_chunk, config.batch_size)
+    chunk = next(data.prefetch_to_device(data.train_chunks(source.splits, config, epoch=0), put))
+    validation_y = np.asarray(data.eval_array(source, source.splits.validation, config.seed, data.VALIDATION_NOISE))
+  state = run.train_chunk(run.make_initial_state(), chunk, 0)
+  assert int(state.step) == 2 and np.isfinite(float(state.loss_sum))
+  metrics = loop.evaluate(run.eval_step, state.params, validation_y, config.eval_batch_size)
+  assert np.isfinite(metrics["ll"])
+  if run.picture is not None:
+    picture = run.picture(state.params, jax.random.PRNGKey(0))
+    assert picture.ndim == 3 and 0.0 <= picture.min() and picture.max() <= 1.0
