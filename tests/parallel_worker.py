@@ -19,8 +19,8 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_parallel import NUM_EXAMPLES, parallel_config  # pylint: disable=g-import-not-at-top
-from experiments.training import parallel
 from experiments.training import loop
+from experiments.training import parallel
 
 
 def main():

@@ -16,8 +16,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.training import checkpoints
-from experiments.training import parallel
 from experiments.training import loop
+from experiments.training import parallel
 from experiments.mnist.configs import test as test_config
 
 NUM_EXAMPLES = 16

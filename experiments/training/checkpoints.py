@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 MODEL_FIELDS = ("data_source", "dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam")
-"""Config fields that must match for checkpoints to be reusable."""
+"""Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 
 
 class RunCheckpoints:
