@@ -243,11 +243,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def describe(metrics: dict[str, float]) -> str:
-  """"LL −1375.78 ± 1.39 nats[, 2.0303 ± 0.0060 bits/dim]" from evaluation metrics."""
-  text = f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} nats"
-  if "bpd" in metrics:
-    text += f", {metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim"
-  return text
+  """"LL −3.34 ± 0.02 nats", or for images (which report bits/dim, and whose LL is of the
+  logit-transformed pixels) "LL −1375.78 ± 1.39 logit nats, 2.0303 ± 0.0056 bits/dim"."""
+  if "bpd" not in metrics:
+    return f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} nats"
+  return (f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} logit nats, "
+          f"{metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim")
 
 
 class _Run:
