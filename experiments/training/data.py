@@ -119,7 +119,7 @@ def train_chunks(
   dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
   dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
   dataset = dataset.map(lambda index, examples: {
-      "examples": tf.reshape(examples, (config.batch_size, splits.num_features))[rows],
+      "examples": examples[rows],
       "batch_index": tf.cast(index, tf.int32),
   })
   return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE)
@@ -129,7 +129,7 @@ def eval_array(source: DataSource, dataset: tf.data.Dataset, seed: int, noise_st
   """A whole evaluation split as y (N, D) on the device, preprocessed with fixed seeded noise."""
   preprocess = jax.jit(lambda raw, key: source.preprocess(raw, key, training=False))
   chunks = [
-      preprocess(raw.reshape(raw.shape[0], -1), noise_key(seed, noise_stream, index))
+      preprocess(raw, noise_key(seed, noise_stream, index))
       for index, raw in enumerate(dataset.batch(1000).as_numpy_iterator())
   ]
   return jnp.concatenate(chunks, axis=0)
