@@ -55,18 +55,28 @@ def mock_splits(config):
     return images.load_splits(config)
 
 
-def test_train_chunks_resume_gives_the_same_later_batches():
+@pytest.mark.parametrize("in_memory", [False, True], ids=["tfds", "array"])
+def test_train_chunks_resume_gives_the_same_later_batches(in_memory):
+  """Both streams (tf.data for tfds splits, numpy indexing for arrays) batch a seeded
+  permutation of the records, resume mid-epoch, and reshuffle each epoch."""
   config = default.get_config()
   config.update(download=True, batch_size=4, steps_per_call=2)
   splits = mock_splits(config)
-  full = list(data.train_chunks(splits, config, epoch=1).as_numpy_iterator())
-  resumed = list(data.train_chunks(splits, config, epoch=1, skip_batches=3).as_numpy_iterator())
+  if in_memory:
+    records = np.concatenate(list(splits.train.batch(24).as_numpy_iterator()))
+    splits = data.arrays_to_splits(records, records[:4], records[:4])
+  full = list(data.train_chunks(splits, config, epoch=1))
+  resumed = list(data.train_chunks(splits, config, epoch=1, skip_batches=3))
   assert [c["batch_index"].tolist() for c in full] == [[0, 1], [2, 3], [4, 5]]
   assert [c["batch_index"].tolist() for c in resumed] == [[3, 4], [5]]
   np.testing.assert_array_equal(full[1]["examples"][1], resumed[0]["examples"][0])
   assert full[0]["examples"].shape == (2, 4, 784) and full[0]["examples"].dtype == np.uint8
-  other_epoch = next(data.train_chunks(splits, config, epoch=2).as_numpy_iterator())
+  epoch_records = np.concatenate([c["examples"].reshape(-1, 784) for c in full])
+  assert len({record.tobytes() for record in epoch_records}) == 24  # Each record once.
+  other_epoch = next(iter(data.train_chunks(splits, config, epoch=2)))
   assert not np.array_equal(other_epoch["examples"], full[0]["examples"])
+  half = next(iter(data.train_chunks(splits, config, epoch=1, rows=slice(2, 4))))
+  np.testing.assert_array_equal(half["examples"], full[0]["examples"][:, 2:4])
 
 
 def test_random_horizontal_flip_mirrors_about_half_of_the_images():

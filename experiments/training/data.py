@@ -7,8 +7,9 @@ metrics besides the log-likelihood to report (`extra_metrics`), and what picture
 at each evaluation (`make_picture`). `load_source(config)` picks the source named by
 `config.data_source`.
 
-tf.data streams shuffled raw batches, grouped into chunks of `steps_per_call` batches, to
-the devices; `preprocess` runs there, inside the jitted train step. Its randomness
+Shuffled raw batches, grouped into chunks of `steps_per_call` batches, stream to the devices
+(through tf.data for tfds datasets, by numpy indexing for in-memory arrays); `preprocess`
+runs there, inside the jitted train step. Its randomness
 (dequantisation noise, augmentation) is a pure function of (seed, epoch, batch index), so a
 resumed run sees exactly the batches an uninterrupted run would; evaluation randomness is
 fixed by the seed, so validation and test numbers are reproducible.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,15 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  """The three splits as cached datasets of flat raw records (D,), and their sizes."""
+  """The three splits of flat raw records (D,), and their sizes.
 
-  train: tf.data.Dataset
+  Validation and test are cached datasets. The training split is one too, or, for a source
+  that holds its data in memory, the array itself (N, D): its epochs are then drawn by
+  indexing with a permutation, where tf.data's element-wise shuffle would take seconds per
+  epoch for millions of records.
+  """
+
+  train: tf.data.Dataset | np.ndarray
   validation: tf.data.Dataset
   test: tf.data.Dataset
   num_train: int
@@ -90,7 +97,7 @@ def arrays_to_splits(train: np.ndarray, validation: np.ndarray, test: np.ndarray
   """Splits from in-memory arrays (N_split, D): uint8 kept, anything else stored as float32."""
   stored = lambda array: array if array.dtype == np.uint8 else np.asarray(array, np.float32)
   as_dataset = lambda array: tf.data.Dataset.from_tensor_slices(stored(array)).cache()
-  return Splits(as_dataset(train), as_dataset(validation), as_dataset(test),
+  return Splits(stored(train), as_dataset(validation), as_dataset(test),
                 num_train=train.shape[0], num_features=train.shape[1])
 
 
@@ -105,7 +112,7 @@ def noise_key(seed: int | jax.Array, *counters: int | jax.Array) -> jax.Array:
 def train_chunks(
     splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0,
     rows: slice = slice(None),
-) -> tf.data.Dataset:
+) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of shuffled raw training batches, `steps_per_call` batches per element.
 
   Each element is {"examples": (k, b, D) raw dtype, "batch_index": int32 (k,)} with k ≤
@@ -116,13 +123,27 @@ def train_chunks(
   batches (for resuming).
   """
   seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+  if isinstance(splits.train, np.ndarray):
+    return _array_chunks(splits.train, config.batch_size, config.steps_per_call, seed, skip_batches, rows)
   dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
   dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
   dataset = dataset.map(lambda index, examples: {
       "examples": examples[rows],
       "batch_index": tf.cast(index, tf.int32),
   })
-  return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE)
+  return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def _array_chunks(records: np.ndarray, batch_size: int, steps_per_call: int, seed: int,
+                  skip_batches: int, rows: slice) -> Iterator[dict[str, np.ndarray]]:
+  """`train_chunks` for records (N, D) in memory: batches are rows of a seeded permutation."""
+  num_batches = records.shape[0] // batch_size
+  order = np.random.default_rng(seed).permutation(records.shape[0])[: num_batches * batch_size]
+  order = order.reshape(num_batches, batch_size)[:, rows]
+  for start in range(skip_batches, num_batches, steps_per_call):
+    indices = order[start : start + steps_per_call]
+    yield {"examples": records[indices],
+           "batch_index": np.arange(start, start + indices.shape[0], dtype=np.int32)}
 
 
 def eval_array(source: DataSource, dataset: tf.data.Dataset, seed: int, noise_stream: int) -> jax.Array:
@@ -136,11 +157,11 @@ def eval_array(source: DataSource, dataset: tf.data.Dataset, seed: int, noise_st
 
 
 def prefetch_to_device(
-    batches: tf.data.Dataset, put: Callable[[Any], Any] = jax.device_put, size: int = 2
+    batches: Iterable[Any], put: Callable[[Any], Any] = jax.device_put, size: int = 2
 ) -> Iterator[Any]:
   """Yields `put(element)` (a transfer to the devices), `size` elements ahead of the consumer."""
   queue = []
-  for batch in batches.as_numpy_iterator():
+  for batch in batches:
     queue.append(put(batch))
     if len(queue) > size:
       yield queue.pop(0)

@@ -6,7 +6,8 @@
 times, in one process and alternating for `--repetitions` rounds, (a) the bare jitted train
 step (`loop.make_train_step`, one call per step) on a batch already on the devices, and (b)
 the training loop's chunked step (`loop.make_train_chunk`, which also preprocesses on the
-devices) fed by the tf.data pipeline through `prefetch_to_device`, and prints the median
+devices) fed by the training input stream (`train_chunks`: tf.data for tfds datasets, numpy
+indexing for in-memory ones) through `prefetch_to_device`, and prints the median
 examples/s and milliseconds per step of each and their ratio. With `--synthetic_examples=N`
 (images only), N random uint8 images of `config.image_shape` replace the dataset, so the
 step time of e.g. CIFAR-10 (D = 3072) can be measured where the dataset is not prepared.
