@@ -1,6 +1,6 @@
-"""What a dataset gives the training loop, and the one streaming path every dataset uses.
+"""What a dataset gives the training loop, and how its batches reach the devices.
 
-A `DataSource` holds three splits as tf.data datasets of flat raw records (D,) — uint8
+A `DataSource` holds three splits of flat raw records (D,) (see `Splits`) — uint8
 pixels for images, float32 vectors for 2-D and tabular data — and says how a batch of raw
 records becomes model inputs y (B, D) on the device (`preprocess`), which per-example
 metrics besides the log-likelihood to report (`extra_metrics`), and what picture to draw
