@@ -12,14 +12,13 @@ the per-host pieces. Several hosts: set `config.coordinator_address`, `num_proce
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
-PyTree = Any
+from experiments.types import PyTree
+
 DATA_AXIS = "data"
 
 
