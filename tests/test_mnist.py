@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from experiments.mnist.configs import test as test_config
 from experiments.training import checkpoints
 from experiments.training import data
 from experiments.training import images
@@ -20,7 +21,6 @@ from experiments.training import loop
 from experiments.training import parallel
 from experiments.training import sources
 from experiments.training import steps
-from experiments.mnist.configs import test as test_config
 
 NUM_MOCK_EXAMPLES = 16  # Per split: 4 steps of batch 4 per epoch.
 
@@ -213,7 +213,8 @@ def test_divergence_detection_is_on_by_default_and_catches_an_explosion_from_the
   """lr 10 blows the loss up within the first logged window (on real MNIST: to 1e15 nats): the
   default divergence_nats, measured against the initial parameters' validation NLL, stops it."""
   assert test_config.get_config().divergence_nats > 0
-  with pytest.raises(FloatingPointError, match=r"Training diverged: the mean training NLL of steps 1-3 is .*above the lowest so far \(2245.97\)"):
+  message = r"Training diverged: the mean training NLL of steps 1-3 is .*above the lowest so far \(2245.97\)"
+  with pytest.raises(FloatingPointError, match=message):
     run(mock_config(learning_rate=10.0), tmp_path)
 
 

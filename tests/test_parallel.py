@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments.mnist.configs import test as test_config
 from experiments.training import checkpoints
 from experiments.training import loop
 from experiments.training import parallel
 from experiments.training import steps
-from experiments.mnist.configs import test as test_config
 
 NUM_EXAMPLES = 16
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")

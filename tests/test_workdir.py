@@ -32,7 +32,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_workdir(tmp_path):
     assert holder.stdout.readline().strip() == "holding"
     config = toy_default.get_config()
     config.update(TOY_OVERRIDES)
-    with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"in use by another training run \(pid {holder.pid} on host "):
+    message = rf"in use by another training run \(pid {holder.pid} on host "
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=message):
       loop.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")  # Refused before touching anything.
   finally:

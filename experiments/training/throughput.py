@@ -73,22 +73,22 @@ def main(argv):
     return jax.block_until_ready(state), time.perf_counter() - start, FLAGS.steps
 
   def end_to_end(state, epoch):
-    start, steps = time.perf_counter(), 0
-    while steps < FLAGS.steps:  # Several epochs when the dataset is small.
+    start, num_steps = time.perf_counter(), 0
+    while num_steps < FLAGS.steps:  # Several epochs when the dataset is small.
       for chunk in chunks(epoch):
         state = train_chunk(state, chunk, epoch)
-        steps += chunk["batch_index"].shape[0]
-        if steps >= FLAGS.steps:
+        num_steps += chunk["batch_index"].shape[0]
+        if num_steps >= FLAGS.steps:
           break
       epoch += 1
-    return jax.block_until_ready(state), time.perf_counter() - start, steps
+    return jax.block_until_ready(state), time.perf_counter() - start, num_steps
 
   rates = {"bare step": [], "end to end": []}
   for repetition in range(FLAGS.repetitions):
-    state, seconds, steps = bare(state)
-    rates["bare step"].append(steps * config.batch_size / seconds)
-    state, seconds, steps = end_to_end(state, 1000 * repetition)
-    rates["end to end"].append(steps * config.batch_size / seconds)
+    state, seconds, num_steps = bare(state)
+    rates["bare step"].append(num_steps * config.batch_size / seconds)
+    state, seconds, num_steps = end_to_end(state, 1000 * repetition)
+    rates["end to end"].append(num_steps * config.batch_size / seconds)
   medians = {name: statistics.median(values) for name, values in rates.items()}
   for name, median in medians.items():
     print(f"{name:>10}: {median:9.0f} examples/s, {1000 * config.batch_size / median:8.2f} ms/step "
