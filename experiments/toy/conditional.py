@@ -20,16 +20,16 @@ from __future__ import annotations
 import math
 import os
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from clu import metric_writers
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top
+from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 import numpy as np
 import optax
 
