@@ -2,6 +2,7 @@
 
 from flax_relgrad.activations import Activation, SmoothLeakyReLU
 from flax_relgrad.conditional import ConditionalFlowMLP, ModulationHead
+from flax_relgrad.fit import FitResult, fit, relative_update
 from flax_relgrad.flow import (
     LOG_ABS_DET,
     PREACTIVATION,
@@ -22,6 +23,7 @@ from flax_relgrad.transform import RelativeJacobianState, relative_jacobian, rel
 __all__ = [
     "Activation",
     "ConditionalFlowMLP",
+    "FitResult",
     "FlowDense",
     "FlowMLP",
     "LOG_ABS_DET",
@@ -30,10 +32,12 @@ __all__ = [
     "RelativeJacobianState",
     "SmoothLeakyReLU",
     "TrainState",
+    "fit",
     "kernel_log_abs_det",
     "near_identity",
     "relative_jacobian",
     "relative_layer_update",
+    "relative_update",
     "standard_normal_log_prob",
     "value_and_exact_grad",
     "value_and_relative_grad",

@@ -1,6 +1,7 @@
 """End-to-end tests of `python -m experiments.mnist` on tfds mock data (no download)."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -252,3 +253,29 @@ def test_corrupt_newest_checkpoint_resumes_from_the_older_one(finished_run, tmp_
   with pytest.raises(ValueError, match=r"None of the checkpoints .* \(steps \[7\]\) can be restored"):
     restore_latest(config, copy)
   assert sorted(os.listdir(latest)) == ["7"]  # Nothing is deleted when nothing is readable.
+
+
+def test_readme_load_run_example_on_a_finished_run(finished_run, tmp_path, monkeypatch, capsys):
+  """The README's notebook snippet, run as written against a mock-data run at runs/mnist."""
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  (example,) = [e for e in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "load_run(" in e]
+  _, workdir, metrics = finished_run
+  os.makedirs(tmp_path / "runs")
+  os.symlink(workdir, tmp_path / "runs" / "mnist")
+  monkeypatch.chdir(tmp_path)
+  exec(compile(example, "README.md load_run example", "exec"), {})  # pylint: disable=exec-used
+  assert f"best step {metrics['step']}: " in capsys.readouterr().out
+
+
+def test_load_run_reproduces_the_test_likelihood(finished_run):
+  from experiments.training.runs import load_run  # pylint: disable=g-import-not-at-top
+  config, workdir, metrics = finished_run
+  run = load_run(str(workdir))
+  assert run.step == metrics["step"] and json.loads(run.config.to_json()) == json.loads(config.to_json())
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    source = sources.load_source(config)
+  test_y = np.asarray(data.eval_array(source, source.splits.test, config.seed, data.TEST_NOISE))
+  log_p = run.model.apply({"params": run.params}, test_y, method="log_prob")
+  np.testing.assert_allclose(float(log_p.mean()), metrics["ll"], rtol=1e-5)
+  with pytest.raises(FileNotFoundError, match="is not the --workdir of a training run"):
+    load_run(str(workdir / "nowhere"))

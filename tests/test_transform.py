@@ -238,3 +238,13 @@ def test_bad_batches_raise():
     fr.value_and_relative_grad_args(conditional, params, jnp.ones((5, 4)), jnp.ones((3, 2)))
   with pytest.raises(ValueError, match="has no log_prob method"):
     fr.value_and_relative_grad_args(nn.Dense(4), params, jnp.ones((5, 4)))
+
+
+def test_loss_through_the_inverse_is_refused():
+  """Reverse KL through `inverse` depends on W other than through y and log|det W|."""
+  model = fr.FlowMLP(1)
+  eps = jnp.ones((4, 3))
+  params = model.init(jax.random.PRNGKey(0), eps)["params"]
+  reverse_kl = lambda m, e: jnp.mean(m.log_prob(m.inverse(e)) + 0.5 * jnp.sum(m.inverse(e) ** 2, -1))
+  with pytest.raises(ValueError, match="runs flow layer 'layers_0' backwards"):
+    fr.value_and_relative_grad(model, reverse_kl)(params, eps)

@@ -46,7 +46,8 @@ class RunCheckpoints:
     options = lambda keep: ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1)
     self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(2))
-    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1))
+    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1),
+                                      item_handlers=ocp.StandardCheckpointHandler())
 
   def save_latest(self, step: int, state: PyTree) -> None:
     self.latest.save(step, args=ocp.args.StandardSave(state))
@@ -90,6 +91,14 @@ class RunCheckpoints:
     for saved_step in self.latest.all_steps():
       if saved_step > step:
         self.latest.delete(saved_step)
+
+  def best_params_shapes(self) -> tuple[int, PyTree]:
+    """(step, the best params' shapes as a tree of tuples), read from the checkpoint's metadata."""
+    step = self.best.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No best checkpoint in {self.best.directory}; train first with this --workdir.")
+    metadata = self.best.item_metadata(step)["params"]
+    return step, jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), metadata)
 
   def restore_best_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
     """(step, params) of the best checkpoint."""

@@ -1,9 +1,8 @@
 """The model, optimiser, train state and jitted steps of a run: the one place that uses `flax_relgrad`.
 
 A train step is one exact maximum-likelihood update with the relative gradient (see
-docs/method.md, "Exact relative gradient"): `value_and_relative_grad_args` gives the loss, the
-autodiff gradients and the δ accumulators, and the optax chain `relative_jacobian → (clip) →
-Adam` turns them into the update. The chain also holds the learning rate: the schedule and a
+docs/method.md, "Exact relative gradient"): `fr.relative_update`, the step `fr.fit` runs too,
+with the optax chain `relative_jacobian → (clip) → Adam`. The chain also holds the learning rate: the schedule and a
 `learning_rate_scale` that divergence handling lowers are injected hyperparameters of it
 (`optax.inject_hyperparams`), so the optimiser state is the single truth about the learning
 rate.
@@ -132,14 +131,13 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
   """One relative-gradient step (state, y (B, D)) → state, recording a non-finite loss."""
 
   def train_step(state: TrainState, batch: jax.Array) -> TrainState:
-    loss, grads, extra = fr.value_and_relative_grad_args(model, state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    params, opt_state, loss = fr.relative_update(model, tx, state.params, state.opt_state, batch)
     first_bad = jnp.where(
         (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1, state.first_nonfinite_step
     )
     return state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         opt_state=opt_state,
         loss_sum=state.loss_sum + loss,
         first_nonfinite_step=first_bad,
