@@ -22,17 +22,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.activations import Activation, SmoothLeakyReLU
-from flax_relgrad.flow import (
-    Dtype,
-    Initializer,
-    Modulation,
-    check_vectors,
-    make_layers,
-    stack_forward,
-    stack_inverse,
-    standard_normal_log_prob,
-)
+from flax_relgrad.activations import Activation
+from flax_relgrad.activations import SmoothLeakyReLU
+from flax_relgrad.flow import Dtype
+from flax_relgrad.flow import Initializer
+from flax_relgrad.flow import Modulation
+from flax_relgrad.flow import check_vectors
+from flax_relgrad.flow import make_layers
+from flax_relgrad.flow import stack_forward
+from flax_relgrad.flow import stack_inverse
+from flax_relgrad.flow import standard_normal_log_prob
 
 
 class ModulationHead(nn.Module):

@@ -16,15 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flax_relgrad.objectives import nll, value_and_relative_grad, value_and_relative_grad_args
-from flax_relgrad.transform import relative_jacobian
+from flax_relgrad.objectives import nll
+from flax_relgrad.objectives import value_and_relative_grad
 
 PyTree = Any
 
 
 def relative_update(
     model: nn.Module,
-    tx: optax.GradientTransformationExtraArgs,
+    tx: optax.GradientTransformation,
     params: PyTree,
     opt_state: optax.OptState,
     x: jax.Array,
@@ -34,16 +34,16 @@ def relative_update(
 
   Args:
     model: `FlowMLP`, `ConditionalFlowMLP` or any module with `log_prob(x, *context)`.
-    tx: an optimizer whose chain starts with `relative_jacobian()`.
+    tx: any optax optimizer (it receives the relative gradient).
     params, opt_state: the current parameters and optimizer state.
     x: the batch (B, D); `context`: the conditional flow's context (B, C), if any.
 
   Returns:
     (params, opt_state, loss): the updated parameters and state, and the batch-mean loss
-    without the log|det W| terms (see `value_and_relative_grad_args`).
+    without the log|det W| terms (see `value_and_relative_grad`): not the NLL.
   """
-  loss, grads, extra = value_and_relative_grad_args(model, params, x, *context)
-  updates, opt_state = tx.update(grads, opt_state, params, **extra)
+  loss, grads = value_and_relative_grad(model, nll)(params, x, *context)
+  updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
 
@@ -83,7 +83,7 @@ def fit(
     params: initial parameters (`model.init(...)["params"]`).
     train: x (N, D), or a tuple (x, context (N, C), ...) for a conditional flow.
     validation: the same for the validation set.
-    optimizer: the chain after `relative_jacobian()`; default `optax.adam(1e-3)`.
+    optimizer: any optax optimizer; default `optax.adam(1e-3)`.
     batch_size: examples per step (each epoch drops the last N mod batch_size of a fresh
       permutation).
     max_epochs: the most epochs to train.
@@ -100,7 +100,7 @@ def fit(
   """
   train, validation = _as_tuple(train), _as_tuple(validation)
   _check_arrays(train, validation, batch_size)
-  tx = optax.chain(relative_jacobian(), optimizer or optax.adam(1e-3))
+  tx = optimizer or optax.adam(1e-3)
   opt_state = tx.init(params)
   num_batches = train[0].shape[0] // batch_size
 

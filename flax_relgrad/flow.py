@@ -20,8 +20,8 @@ every call of a flow layer
   the loss weighs that term (a batch mean, a sum over T sequence positions or H·W pixels, a
   mask), and no O(D³) `slogdet` is computed.
 
-From y, δ and λ, :func:`flax_relgrad.relative_jacobian` computes the relative gradient in
-O(B·D²) per layer.
+From y, δ and λ, :func:`flax_relgrad.value_and_relative_grad` computes the relative gradient
+in O(B·D²) per layer (`flax_relgrad.relative`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.activations import Activation, SmoothLeakyReLU
+from flax_relgrad.activations import Activation
+from flax_relgrad.activations import SmoothLeakyReLU
 
 PREACTIVATION = "preactivation"
 """Name under which a flow layer sows y (`intermediates`) and keeps its δ (`perturbations`)."""
@@ -78,8 +79,8 @@ class FlowDense(nn.Module):
   pre-activation is exactly z @ kernel + bias with this layer's own `kernel` and `bias`
   params; the loss depends on them only through y and `log_abs_det()`. Context-dependent
   shifts or scales go *after* the layer, in another module (as in `ConditionalFlowMLP`),
-  never into its y. `relative_jacobian` refuses a flow layer whose params hold anything but
-  `kernel` and `bias`.
+  never into its y. `value_and_relative_grad` refuses a flow layer whose params hold anything
+  but `kernel` and `bias`.
 
   Attributes:
     use_bias: whether to add the bias b.

@@ -1,10 +1,9 @@
 """Losses and gradients for maximum-likelihood training of models that contain flow layers.
 
-- :func:`value_and_relative_grad` (fast, O(B·D²) per flow layer): the general entry point,
-  like `jax.value_and_grad` for a loss written in terms of a Linen module. It returns the
-  loss, the gradients and the extra args that :func:`flax_relgrad.relative_jacobian` turns
-  into the exact relative gradient.
-- :func:`value_and_relative_grad_args`: the one-liner for a flow with a `log_prob` method.
+- :func:`value_and_relative_grad` (fast, O(B·D²) per flow layer): `jax.value_and_grad` for a
+  loss written in terms of a Linen module, returning the exact relative gradient for every
+  flow layer and the ordinary gradient for every other parameter. Any optax optimizer takes
+  it from there.
 - :func:`value_and_exact_grad` (naive, O(D³) per flow layer): autodiff through `slogdet`,
   the Euclidean gradient any flow library gives an unconstrained dense layer.
 """
@@ -18,15 +17,14 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.flow import (
-    INTERMEDIATES,
-    FlowDense,
-    LOG_ABS_DET,
-    PERTURBATIONS,
-    PREACTIVATION,
-    factorisation_dtype,
-    kernel_log_abs_det,
-)
+from flax_relgrad.flow import INTERMEDIATES
+from flax_relgrad.flow import LOG_ABS_DET
+from flax_relgrad.flow import PERTURBATIONS
+from flax_relgrad.flow import PREACTIVATION
+from flax_relgrad.flow import FlowDense
+from flax_relgrad.flow import factorisation_dtype
+from flax_relgrad.flow import kernel_log_abs_det
+from flax_relgrad.relative import relative_gradients
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -39,27 +37,26 @@ def value_and_relative_grad(
     has_aux: bool = False,
     exact_loss: bool = False,
     require_log_det: bool = True,
-) -> Callable[..., tuple[Any, PyTree, dict[str, PyTree]]]:
+) -> Callable[..., tuple[Any, PyTree]]:
   """Like `jax.value_and_grad`, for a loss of a Linen module that contains flow layers.
 
   `loss_fn(module, *args, **kwargs)` computes the loss from the bound module (any methods,
-  any number of flows, nested anywhere, beside ordinary layers), for example
-  `lambda m, x: -m.log_prob(x).mean()`; a method name works too. The returned function
-  `(params, *args, rngs=None, **kwargs) -> (value, grads, extra)` applies it as
-  `model.apply({"params": params}, *args, method=loss_fn, rngs=rngs, **kwargs)`, with
+  any number of flows, nested anywhere, beside ordinary layers), for example `fr.nll`
+  (−mean `log_prob`) or `lambda m, x, c: -m.log_prob(x, c).mean()`; a method name works too.
+  The returned function `(params, *args, rngs=None, **kwargs) -> (value, grads)` applies it
+  as `model.apply({"params": params}, *args, method=loss_fn, rngs=rngs, **kwargs)`, with
 
   - `value`: the loss, or `(loss, aux)` with `has_aux=True`. **Unless `exact_loss`, every
     flow layer's log|det W| enters it — and aux — as 0**: the loss is then not the NLL
     (evaluate `log_prob` in a plain `apply` when you report, or pass `exact_loss=True`);
-  - `grads`: gradients with the structure of params. Those of flow kernels and biases are
-    placeholders that `relative_jacobian()` replaces, so pass them to the optimizer
-    untouched: scale, average (`pmean`) or accumulate the *updates* after
-    `relative_jacobian()`, never these grads. Every other leaf is the exact gradient;
-  - `extra`: `{"intermediates", "perturbations"}`, to pass as
-    `tx.update(grads, opt_state, params, **extra)` (or `TrainState.apply_gradients(grads=
-    grads, **extra)`): each flow layer's pre-activations y, δ = ∂loss/∂y, and
-    λ = ∂loss/∂log|det W|, however the loss weighs the log-det (batch mean or sum, T terms
-    per sequence, H·W per image, masks).
+  - `grads`: a tree like params. Every flow layer (a `FlowDense`, wherever it sits) gets its
+    exact relative gradient, ΔW = Ŵ Ŵᵀ Ĝ restricted to W and b (Ŵ = [[W, 0], [b, 1]], Ĝ the
+    Euclidean gradient of the full loss, every log|det W| term included; see
+    `relative_layer_update`), computed in O(B·D²) from the layer's pre-activations y,
+    δ = ∂loss/∂y and λ = ∂loss/∂log|det W|, however the loss weighs the log-det (batch mean
+    or sum, T terms per sequence, H·W per image, masks). Every other leaf is the ordinary
+    gradient. Hand `grads` to any optax optimizer; scaling, clipping, accumulating or
+    averaging them across devices stays exact, because each flow leaf is linear in Ĝ.
 
   The bookkeeping is built from this call (a shape-only pass, free under jit), never from
   `init`, so any batch size works.
@@ -67,7 +64,9 @@ def value_and_relative_grad(
   Args:
     model: the Linen module (unbound).
     loss_fn: `loss_fn(module, *args, **kwargs)` returning a scalar (or (scalar, aux)), or the
-      name of a method of `model` that does.
+      name of a method of `model` that does. It may depend on a flow layer's params only
+      through the layer's output and `log_abs_det()` (an L2 penalty on W in the loss would be
+      ignored: use `optax.add_decayed_weights`).
     has_aux: whether `loss_fn` returns (loss, aux).
     exact_loss: compute each flow layer's log|det W| by `slogdet` (forward only, O(D³)), so
       that the returned loss is exact. Needed for exactness when the loss is not affine in
@@ -80,7 +79,7 @@ def value_and_relative_grad(
       not contain it.
 
   Returns:
-    The function `(params, *args, rngs=None, **kwargs) -> (value, grads, extra)`.
+    The function `(params, *args, rngs=None, **kwargs) -> (value, grads)`.
   """
 
   def value_and_grad_fn(params: PyTree, *args: Any, rngs: Any = None, **kwargs: Any):
@@ -121,8 +120,8 @@ def value_and_relative_grad(
     (loss, (aux, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
         loss_and_state, argnums=(0, 1), has_aux=True
     )(params, placeholders)
-    extra = {INTERMEDIATES: preactivations, PERTURBATIONS: perturbation_grads}
-    return ((loss, aux) if has_aux else loss), grads, extra
+    grads = relative_gradients(params, grads, preactivations, perturbation_grads)
+    return ((loss, aux) if has_aux else loss), grads
 
   return value_and_grad_fn
 
@@ -191,45 +190,17 @@ def _check_scalar_loss(loss: Any) -> None:
 
 
 def nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
-  """The batch-mean negative log-likelihood −mean log p(x | *args) of a module with `log_prob`."""
+  """The loss −mean log p(x | *args) of a module with `log_prob` (`FlowMLP`,
+  `ConditionalFlowMLP` with its context as `args`), averaged over every leading axis of x."""
+  if not hasattr(module, "log_prob"):
+    raise ValueError(
+        f"{type(module).__name__} has no log_prob method; write the loss of your model as "
+        "loss_fn(module, *args) and pass it to value_and_relative_grad."
+    )
   return -jnp.mean(module.log_prob(x, *args))
-
-
-def _check_flow_batch(model: nn.Module, x: jax.Array) -> None:
-  if not hasattr(model, "log_prob"):
-    raise ValueError(
-        f"{type(model).__name__} has no log_prob method; for a model of your own use "
-        "flax_relgrad.value_and_relative_grad(model, loss_fn) with the loss written in it."
-    )
-  if x.ndim != 2:
-    raise ValueError(
-        f"{type(model).__name__} training expects a batch of shape (B, D), got {x.shape}; "
-        "flatten images first (e.g. x.reshape(B, -1))."
-    )
-  if x.shape[0] == 0:
-    raise ValueError(f"{type(model).__name__} training got an empty batch {x.shape}.")
-
-
-def value_and_relative_grad_args(
-    model: nn.Module, params: PyTree, x: jax.Array, *args: Any, rngs: Any = None
-) -> tuple[jax.Array, PyTree, dict[str, PyTree]]:
-  """Loss, gradients and extra args for `relative_jacobian()`, for a batch x (B, D).
-
-  The loss is the batch mean of −log p(x | *args) under `model.log_prob` (`FlowMLP`,
-  `ConditionalFlowMLP` with its context as `args`) **without** the kernels'
-  −Σ_k log|det W_k|, which `relative_jacobian` accounts for: it is not the NLL, which is
-  loss − Σ_k log|det W_k| (or −mean `log_prob` in a plain `apply`). Built on
-  :func:`value_and_relative_grad`; `rngs` go to `apply` (e.g. a dropout conditioner).
-
-  Returns:
-    (loss, grads, extra), to be used as `tx.update(grads, opt_state, params, **extra)`.
-  """
-  _check_flow_batch(model, x)
-  return value_and_relative_grad(model, nll)(params, x, *args, rngs=rngs)
 
 
 def value_and_exact_grad(model: nn.Module, params: PyTree, x: jax.Array, *args: Any) -> tuple[jax.Array, PyTree]:
   """Batch-mean exact NLL −log p(x | *args) and its Euclidean gradient, autodiff through
   `slogdet` (O(D³) per layer)."""
-  _check_flow_batch(model, x)
   return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=nll))(params)

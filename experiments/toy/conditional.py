@@ -8,7 +8,7 @@ depend on c,
 
 so log p(x | c) = log N(e₁) + log N(e₂) − log 0.4 exactly (the shear and the rotation keep
 volume). A `ConditionalFlowMLP` with an MLP conditioner is trained on (x, c) pairs by the
-relative gradient (`fr.TrainState`, Adam with cosine decay); the program prints the test
+relative gradient (Flax's `TrainState`, Adam with cosine decay); the program prints the test
 log-likelihood ± 2 standard errors next to the truth's (the mean true log p of the same test
 points), writes TensorBoard scalars, and saves `conditional.png`: the true and the learned
 p(x | c) for five contexts. A demo of the library's conditional flow, small enough to run in
@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from clu import metric_writers
 import flax.linen as nn
+from flax.training import train_state
 import jax
 import matplotlib
 
@@ -108,13 +109,13 @@ def train_and_evaluate(workdir: str, steps: int, seed: int, num_train: int, num_
   model = make_model()
   params = model.init(jax.random.PRNGKey(seed), train_x[:2], train_c[:2])["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(500, steps // 10), steps)
-  tx = optax.chain(fr.relative_jacobian(), optax.adam(schedule))
-  state = fr.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(schedule))
+  grad_fn = fr.value_and_relative_grad(model, fr.nll)
 
   @jax.jit
   def train_step(state, x, c):
-    loss, grads, extra = fr.value_and_relative_grad_args(model, state.params, x, c)
-    return state.apply_gradients(grads=grads, **extra), loss
+    loss, grads = grad_fn(state.params, x, c)
+    return state.apply_gradients(grads=grads), loss
 
   writer = metric_writers.create_default_writer(workdir)
   batches_per_epoch = num_train // BATCH_SIZE

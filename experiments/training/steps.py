@@ -2,10 +2,10 @@
 
 A train step is one exact maximum-likelihood update with the relative gradient (see
 docs/method.md, "Exact relative gradient"): `fr.relative_update`, the step `fr.fit` runs too,
-with the optax chain `relative_jacobian → (clip) → Adam`. The chain also holds the learning rate: the schedule and a
-`learning_rate_scale` that divergence handling lowers are injected hyperparameters of it
-(`optax.inject_hyperparams`), so the optimiser state is the single truth about the learning
-rate.
+with the optax chain `(clip) → Adam` acting on the relative gradient. The chain also holds the
+learning rate: the schedule and a `learning_rate_scale` that divergence handling lowers are
+injected hyperparameters of it (`optax.inject_hyperparams`), so the optimiser state is the
+single truth about the learning rate.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformationExtraArgs:
-  """relative_jacobian → (optional) clip_by_global_norm(clip_norm) → Adam(learning_rate).
+  """(optional) clip_by_global_norm(clip_norm) → Adam(learning_rate), on the relative gradient.
 
   learning_rate = schedule(step) · learning_rate_scale, both hyperparameters injected into the
   optimiser state (`learning_rate` and `learning_rate_scale` below).
@@ -81,7 +81,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> opt
   clip = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm > 0 else []
 
   def chain(learning_rate: jax.Array, learning_rate_scale: jax.Array) -> optax.GradientTransformation:
-    return optax.chain(fr.relative_jacobian(), *clip, optax.adam(learning_rate * learning_rate_scale))
+    return optax.chain(*clip, optax.adam(learning_rate * learning_rate_scale))
 
   return optax.inject_hyperparams(chain)(
       learning_rate=learning_rate_schedule(config, total_steps), learning_rate_scale=1.0)

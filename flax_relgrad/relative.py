@@ -1,35 +1,32 @@
-"""`relative_jacobian()`: the exact relative gradient of dense flow layers as an Optax transform.
+"""The exact relative gradient of dense flow layers, from their pre-activations, δ and λ.
 
 For a flow layer y = z W + b (W: (D, D), b: (D,)) inside a loss, write δ = ∂loss/∂y (one row
 per D-vector the layer mapped), u = y − b = z W, g_b = Σ_rows δ, and λ = ∂loss/∂log|det W|
 (−1 for the batch mean of −log p(x)). The Euclidean gradient of the loss is
 G_W = zᵀ δ + λ W⁻ᵀ and g_b. Writing the layer as the augmented matrix Ŵ = [[W, 0], [b, 1]]
-and premultiplying the gradient by Ŵ Ŵᵀ (docs/method.md §1) gives
+and premultiplying the gradient by Ŵ Ŵᵀ (docs/method.md, "Exact relative gradient") gives
 
     ΔW = W uᵀ δ + (W bᵀ) g_b + λ W
     Δb = (1 + b bᵀ) g_b + (u bᵀ)ᵀ δ + λ b
 
-No inverse and no slogdet: O(B·D²) per layer. It is a preconditioner (Ŵ Ŵᵀ is positive
-definite for invertible W), so the fixed points are those of exact maximum likelihood.
+No inverse and no slogdet: O(B·D²) per layer. Ŵ Ŵᵀ is positive definite for invertible W, so
+following −(ΔW, Δb) descends the loss, and the fixed points are those of exact maximum
+likelihood. `relative_gradients` puts these in place of a gradient tree's flow-layer leaves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-import optax
 
-from flax_relgrad.flow import LOG_ABS_DET, PREACTIVATION
+from flax_relgrad.flow import LOG_ABS_DET
+from flax_relgrad.flow import PREACTIVATION
 
 PyTree = Any
 Path = tuple[str, ...]
-
-
-class RelativeJacobianState(NamedTuple):
-  """State of `relative_jacobian()`: empty; it marks the transform's place in a chain."""
 
 
 def relative_layer_update(
@@ -72,87 +69,42 @@ def relative_layer_update(
   return kernel_update, bias_update
 
 
-def relative_jacobian() -> optax.GradientTransformationExtraArgs:
-  """Replaces the gradients of every flow layer by its exact relative gradient.
+def relative_gradients(
+    params: PyTree, grads: PyTree, preactivations: PyTree, perturbation_grads: PyTree
+) -> PyTree:
+  """`grads` with the kernel and bias leaves of every flow layer replaced by (ΔW, Δb).
 
-  `update(updates, state, params, *, intermediates, perturbations)` expects the extra args
-  returned by :func:`flax_relgrad.value_and_relative_grad`: the pre-activations y sown by each
-  flow layer (`intermediates`) and the gradient of the loss with respect to the
-  `perturbations` collection (δ = ∂loss/∂y and λ = ∂loss/∂log|det W| per layer). For every
-  flow layer found there, at path P, the kernel and bias updates at P are replaced by
-
-      ΔW = W uᵀ δ + (W bᵀ) g_b + λ W,    Δb = (1 + b bᵀ) g_b + (u bᵀ)ᵀ δ + λ b,
-
-  with u = y − b and g_b = Σ δ over every row the layer mapped (all calls, all leading axes):
-  the relative gradient Ŵ Ŵᵀ Ĝ of the loss, log|det W| terms included, in O(B·D²). The
-  incoming kernel and bias gradients are not read, so a jitted step never computes them. A
-  layer mapped over a stacked axis (`nn.vmap`, kernels (E, D, D)) gets the update of each
-  of its E kernels. All other leaves pass through unchanged.
-
-  Put it first in the chain (`optax.chain(relative_jacobian(), ...)`): transforms before it
-  would see the autodiff gradients of the flow layers, which are not the loss's gradients.
+  Args:
+    params: the parameters the gradients were taken at.
+    grads: autodiff gradients of the loss with respect to params.
+    preactivations: the `intermediates` each flow layer sowed: at its path P, P/preactivation
+      is a tuple with the layer's y of every call.
+    perturbation_grads: the gradient of the loss with respect to the `perturbations`
+      collection: P/preactivation (δ of every call) and P/log_abs_det (λ).
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` whose state is `RelativeJacobianState`.
+    A tree like `grads`; the leaves of other parameters are untouched.
   """
+  replacements = _relative_updates(params, preactivations, perturbation_grads)
 
-  def init_fn(params: PyTree) -> RelativeJacobianState:
-    del params
-    return RelativeJacobianState()
+  def replace(key_path, leaf):
+    return replacements.get(tuple(str(getattr(key, "key", key)) for key in key_path), leaf)
 
-  def update_fn(
-      updates: PyTree,
-      state: RelativeJacobianState,
-      params: PyTree | None = None,
-      *,
-      intermediates: Mapping[str, Any] | None = None,
-      perturbations: Mapping[str, Any] | None = None,
-      **extra_args: Any,
-  ) -> tuple[PyTree, RelativeJacobianState]:
-    del extra_args
-    if params is None or intermediates is None or perturbations is None:
-      raise ValueError(
-          "relative_jacobian needs params and the extra args `intermediates` and "
-          "`perturbations`: call tx.update(grads, opt_state, params, **extra) with the "
-          "extra args returned by flax_relgrad.value_and_relative_grad."
-      )
-    replacements = _relative_updates(params, intermediates, perturbations)
-    missing = set(replacements)
-
-    def replace(key_path, leaf):
-      path = tuple(str(getattr(key, "key", key)) for key in key_path)
-      if path in replacements:
-        missing.discard(path)
-        return replacements[path]
-      return leaf
-
-    new_updates = jax.tree_util.tree_map_with_path(replace, updates)
-    if missing:
-      raise ValueError(
-          f"relative_jacobian: the gradients have no leaf at {sorted('/'.join(p) for p in missing)}"
-          " although params do; pass gradients with the same structure as params."
-      )
-    return new_updates, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return jax.tree_util.tree_map_with_path(replace, grads)
 
 
 def _flat(tree: PyTree) -> dict[Path, Any]:
   return {tuple(map(str, path)): leaf for path, leaf in flax.traverse_util.flatten_dict(tree).items()}
 
 
-def _relative_updates(params: PyTree, intermediates: PyTree, perturbations: PyTree) -> dict[Path, jax.Array]:
+def _relative_updates(
+    params: PyTree, preactivations: PyTree, perturbation_grads: PyTree
+) -> dict[Path, jax.Array]:
   """{path of a kernel or bias leaf: its relative update} for every flow layer."""
   flat_params = _flat(params)
-  flat_intermediates = _flat(intermediates)
-  flat_perturbations = _flat(perturbations)
+  flat_intermediates = _flat(preactivations)
+  flat_perturbations = _flat(perturbation_grads)
   layers = sorted({path[:-1] for path in flat_perturbations if path[-1] in (PREACTIVATION, LOG_ABS_DET)})
-  if not layers:
-    raise ValueError(
-        "relative_jacobian: the extra args name no flow layer (no pre-activation or log-det "
-        "gradient in `perturbations`); pass the extra args that "
-        "flax_relgrad.value_and_relative_grad returns for this model and batch."
-    )
   replacements = {}
   for layer_path in layers:
     layer = "/".join(layer_path) or "<root>"
@@ -163,8 +115,8 @@ def _relative_updates(params: PyTree, intermediates: PyTree, perturbations: PyTr
     }
     deltas = flat_perturbations.get(layer_path + (PREACTIVATION,))
     log_det_grad = flat_perturbations.get(layer_path + (LOG_ABS_DET,))
-    preactivations = flat_intermediates.get(layer_path + (PREACTIVATION,))
-    kernel, bias = _check_layer(layer, layer_params, preactivations, deltas, log_det_grad)
+    ys = flat_intermediates.get(layer_path + (PREACTIVATION,))
+    kernel, bias = _check_layer(layer, layer_params, ys, deltas, log_det_grad)
     stacked = kernel.ndim - 2
     width = kernel.shape[-1]
     rows = lambda arrays: jnp.concatenate(
@@ -173,7 +125,7 @@ def _relative_updates(params: PyTree, intermediates: PyTree, perturbations: PyTr
     update = relative_layer_update
     for _ in range(stacked):
       update = jax.vmap(update, in_axes=(0, None if bias is None else 0, 0, 0, 0))
-    kernel_update, bias_update = update(kernel, bias, rows(preactivations), rows(deltas), log_det_grad)
+    kernel_update, bias_update = update(kernel, bias, rows(ys), rows(deltas), log_det_grad)
     replacements[layer_path + ("kernel",)] = kernel_update
     if bias is not None:
       replacements[layer_path + ("bias",)] = bias_update
@@ -188,14 +140,11 @@ def _check_layer(
     log_det_grad: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """The layer's (kernel, bias) after checking everything the update relies on."""
-  prefix = f"relative_jacobian: flow layer '{layer}'"
+  prefix = f"flow layer '{layer}'"
   kernel = layer_params.get("kernel")
   bias = layer_params.get("bias")
   if kernel is None:
-    raise ValueError(
-        f"{prefix} is in the extra args but params hold no kernel at '{layer}/kernel'; params "
-        "and extra args must come from the same model."
-    )
+    raise ValueError(f"{prefix} was applied but params hold no kernel at '{layer}/kernel'.")
   others = sorted(set(layer_params) - {"kernel", "bias"})
   if others:
     raise ValueError(
@@ -204,15 +153,7 @@ def _check_layer(
         "scales in a separate module applied after the FlowDense (see ConditionalFlowMLP)."
     )
   if preactivations is None or deltas is None:
-    raise ValueError(
-        f"{prefix} has a log-det gradient but no sown pre-activation or δ: the loss uses its "
-        "log|det W| but never applies the layer, or the extra args are incomplete."
-    )
-  if log_det_grad is None:
-    raise ValueError(
-        f"{prefix} has no log|det W| gradient in the extra args: build them with "
-        "flax_relgrad.value_and_relative_grad (the loss must use the layer's log-det)."
-    )
+    raise ValueError(f"{prefix}: the loss uses its log|det W| but never applies the layer.")
   if kernel.ndim < 2 or kernel.shape[-1] != kernel.shape[-2]:
     raise ValueError(
         f"{prefix} has a kernel of shape {kernel.shape}; the relative gradient needs square "
@@ -224,19 +165,15 @@ def _check_layer(
   if jnp.shape(log_det_grad) != stack_shape:
     raise ValueError(
         f"{prefix} has a log-det gradient of shape {jnp.shape(log_det_grad)}, expected "
-        f"{stack_shape}; params and extra args must come from the same model."
-    )
-  if not isinstance(preactivations, tuple) or not isinstance(deltas, tuple) or len(preactivations) != len(deltas):
-    raise ValueError(
-        f"{prefix}: the sown pre-activations and δ do not match call for call; the extra args "
-        "must come from one flax_relgrad.value_and_relative_grad call."
+        f"{stack_shape}: under nn.vmap or nn.scan, use axis 0 for 'params', 'intermediates' and "
+        "'perturbations'."
     )
   for call, (y, delta) in enumerate(zip(preactivations, deltas)):
     if y.shape != delta.shape or y.shape[-1] != width or y.shape[: len(stack_shape)] != stack_shape:
       raise ValueError(
           f"{prefix} (call {call + 1}) has pre-activation {y.shape} and δ {delta.shape}, but "
-          f"both must be {stack_shape + ('...', width)} and equal: build the extra args from "
-          "the current batch (flax_relgrad.value_and_relative_grad does), not from init's."
+          f"both must be {stack_shape + ('...', width)}: under nn.vmap or nn.scan, use axis 0 "
+          "for 'params', 'intermediates' and 'perturbations'."
       )
   if sum(y.size for y in preactivations) == 0:
     raise ValueError(f"{prefix} was applied to an empty batch; there is nothing to learn from.")

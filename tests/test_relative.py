@@ -1,4 +1,5 @@
-"""relative_jacobian against the brute-force augmented-matrix relative gradient Ŵ Ŵᵀ Ĝ."""
+"""The relative gradient of a FlowMLP against the brute-force augmented-matrix Ŵ Ŵᵀ Ĝ, and
+the errors that misuse gets."""
 
 import flax.linen as nn
 import jax
@@ -9,13 +10,12 @@ import pytest
 
 import flax_relgrad as fr
 from conftest import brute_force_relative_gradient
+from conftest import perturb_params
 from conftest import random_flow_params
 
 
 def relative_updates(model, params, x):
-  _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-  tx = fr.relative_jacobian()
-  return tx.update(grads, tx.init(params), params, **extra)[0]
+  return fr.value_and_relative_grad(model, fr.nll)(params, x)[1]
 
 
 def max_relative_error(actual, expected):
@@ -70,15 +70,14 @@ class FlowWithScale(nn.Module):
     return jnp.mean(jnp.square(self.flow(x) * self.scale)) - self.flow.kernel_log_abs_det()
 
 
-def test_flow_as_submodule_and_other_leaves_untouched():
+def test_flow_as_submodule_and_other_leaves_are_ordinary_gradients():
   model = FlowWithScale()
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
-  _, grads, extra = fr.value_and_relative_grad(model, FlowWithScale.__call__)(params, x)
-  tx = fr.relative_jacobian()
-  updates, _ = tx.update(grads, tx.init(params), params, **extra)
-  assert updates["scale"] is grads["scale"]
-  assert not np.allclose(updates["flow"]["layers_0"]["kernel"], grads["flow"]["layers_0"]["kernel"])
+  params = perturb_params(model.init(jax.random.PRNGKey(1), x)["params"], 2)  # W Wᵀ ≠ I
+  _, grads = fr.value_and_relative_grad(model, FlowWithScale.__call__)(params, x)
+  plain = jax.grad(lambda p: model.apply({"params": p}, x))(params)
+  np.testing.assert_allclose(grads["scale"], plain["scale"], rtol=1e-6)
+  assert not np.allclose(grads["flow"]["layers_0"]["kernel"], plain["flow"]["layers_0"]["kernel"])
 
 
 def test_chains_with_adam_under_jit_and_reduces_exact_nll():
@@ -86,13 +85,13 @@ def test_chains_with_adam_under_jit_and_reduces_exact_nll():
   x = jax.random.normal(jax.random.PRNGKey(0), (32, 4)) @ jnp.array(
       [[2.0, 0, 0, 0], [1, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 3, 1]])
   params = model.init(jax.random.PRNGKey(1), x[:1])["params"]  # init batch ≠ training batch
-  tx = optax.chain(fr.relative_jacobian(), optax.adam(1e-2))
+  tx = optax.adam(1e-2)
   opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state):
-    _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    _, grads = fr.value_and_relative_grad(model, fr.nll)(params, x)
+    updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   exact_nll = lambda p: fr.value_and_exact_grad(model, p, x)[0]
@@ -102,69 +101,26 @@ def test_chains_with_adam_under_jit_and_reduces_exact_nll():
   assert exact_nll(params) < start - 1.0
 
 
-def test_missing_extra_args_raise():
-  tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match="extra args `intermediates` and `perturbations`"):
-    tx.update({}, tx.init({}), {})
+def test_gradient_transformations_commute_with_the_relative_gradient(float64):
+  """Each flow leaf is linear in Ĝ: scaling the loss scales it, and the mean over two batches
+  (MultiSteps, pmean over shards) is the relative gradient of the mean loss."""
+  model = fr.FlowMLP(2, param_dtype=jnp.float64)
+  params = random_flow_params(model, 3, seed=0)
+  first = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+  second = 2.0 * jax.random.normal(jax.random.PRNGKey(2), (5, 3))
+  grad_fn = fr.value_and_relative_grad(model, fr.nll)
+  both = grad_fn(params, jnp.concatenate([first, second]))[1]
+  mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, grad_fn(params, first)[1], grad_fn(params, second)[1])
+  scaled = fr.value_and_relative_grad(model, lambda m, x: 1024.0 * fr.nll(m, x))(params, first)[1]
+  for a, b in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(both)):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  for a, b in zip(jax.tree_util.tree_leaves(scaled), jax.tree_util.tree_leaves(grad_fn(params, first)[1])):
+    np.testing.assert_allclose(a, 1024.0 * b, rtol=1e-12)
 
 
 def test_init_returns_params_only():
   """No bookkeeping collections come out of init, so none can be reused for another batch."""
   assert set(fr.FlowMLP(2).init(jax.random.PRNGKey(0), jnp.ones((1, 3)))) == {"params"}
-
-
-def test_extra_args_of_another_batch_raise():
-  model = fr.FlowMLP(2)
-  x = jnp.ones((5, 3))
-  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
-  _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-  _, _, other = fr.value_and_relative_grad_args(model, params, x[:2])
-  tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match=r"layer 'layers_0' \(call 1\) has pre-activation \(5, 3\) and δ \(2, 3\)"):
-    tx.update(grads, tx.init(params), params, intermediates=extra["intermediates"],
-              perturbations=other["perturbations"])
-
-
-@pytest.mark.parametrize("extra", [{"intermediates": {}, "perturbations": {}},
-                                   {"intermediates": {"a": 1}, "perturbations": {"b": {"c": 2}}}])
-def test_empty_or_foreign_extra_args_raise(extra):
-  model = fr.FlowMLP(2)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
-  tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match="the extra args name no flow layer"):
-    tx.update(params, tx.init(params), params, **extra)
-
-
-def test_non_square_kernel_raises_naming_the_layer():
-  model = fr.FlowMLP(2)
-  x = jnp.ones((5, 3))
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-  bad = jax.tree_util.tree_map(lambda p: p, params)
-  bad["layers_1"]["kernel"] = jnp.ones((3, 4))
-  tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match=r"'layers_1' has a kernel of shape \(3, 4\); the relative gradient needs"):
-    tx.update(grads, tx.init(params), bad, **extra)
-
-
-def test_mismatched_structures_raise_naming_the_layer():
-  model = fr.FlowMLP(2)
-  x = jnp.ones((5, 3))
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-  tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match="layer 'layers_1' is in the extra args but params hold no kernel"):
-    tx.update(grads, tx.init(params), {"layers_0": params["layers_0"]}, **extra)
-  intermediates = {"layers_0": extra["intermediates"]["layers_0"]}
-  with pytest.raises(ValueError, match="layer 'layers_1' has a log-det gradient but no sown pre-activation"):
-    tx.update(grads, tx.init(params), params, intermediates=intermediates, perturbations=extra["perturbations"])
-  without_log_det = {
-      name: {fr.PREACTIVATION: layer[fr.PREACTIVATION]} for name, layer in extra["perturbations"].items()
-  }
-  with pytest.raises(ValueError, match="layer 'layers_0' has no log\\|det W\\| gradient"):
-    tx.update(grads, tx.init(params), params, intermediates=extra["intermediates"], perturbations=without_log_det)
-  with pytest.raises(ValueError, match="gradients have no leaf at"):
-    tx.update({"layers_0": grads["layers_0"]}, tx.init(params), params, **extra)
 
 
 class ContextInsideTheLayer(fr.FlowDense):
@@ -185,10 +141,24 @@ def test_layer_that_breaks_the_sowing_contract_is_refused():
 
   model, x, c = Model(), jnp.ones((4, 3)), jnp.ones((4, 2))
   params = model.init(jax.random.PRNGKey(0), x, c)["params"]
-  _, grads, extra = fr.value_and_relative_grad(model, Model.__call__)(params, x, c)
-  tx = fr.relative_jacobian()
   with pytest.raises(ValueError, match=r"flow layer 'custom' has params \['Dense_0'\] beside kernel and bias"):
-    tx.update(grads, tx.init(params), params, **extra)
+    fr.value_and_relative_grad(model, Model.__call__)(params, x, c)
+
+
+class WideLayer(fr.FlowDense):
+  """A home-made layer with a non-square kernel, which cannot be a flow layer."""
+
+  @nn.compact
+  def __call__(self, z):
+    return self._track_preactivation(z @ self.param("kernel", nn.initializers.ones, (z.shape[-1], 4)))
+
+
+def test_non_square_kernel_is_refused_naming_the_layer():
+  model, x = WideLayer(name="wide"), jnp.ones((4, 3))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss = lambda m, x: -jnp.mean(fr.standard_normal_log_prob(m(x)))
+  with pytest.raises(ValueError, match=r"'<root>' has a kernel of shape \(3, 4\)"):
+    fr.value_and_relative_grad(model, loss, require_log_det=False)(params, x)
 
 
 def test_loss_without_the_log_det_is_refused_unless_allowed():
@@ -198,9 +168,7 @@ def test_loss_without_the_log_det_is_refused_unless_allowed():
   partial = lambda m, x: -jnp.mean(fr.standard_normal_log_prob(m(x)))
   with pytest.raises(ValueError, match="applies flow layer 'layers_0' but never uses its log\\|det W\\|"):
     fr.value_and_relative_grad(model, partial)(params, x)
-  _, grads, extra = fr.value_and_relative_grad(model, partial, require_log_det=False)(params, x)
-  tx = fr.relative_jacobian()
-  tx.update(grads, tx.init(params), params, **extra)  # λ = 0: the relative gradient of that loss
+  fr.value_and_relative_grad(model, partial, require_log_det=False)(params, x)  # λ = 0
 
 
 def test_loss_without_flow_layers_and_non_scalar_loss_raise():
@@ -208,6 +176,8 @@ def test_loss_without_flow_layers_and_non_scalar_loss_raise():
   params = model.init(jax.random.PRNGKey(0), jnp.ones((2, 3)))["params"]
   with pytest.raises(ValueError, match="the loss applies no flow layer"):
     fr.value_and_relative_grad(model, lambda m, x: m(x).sum())(params, jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="has no log_prob method"):
+    fr.value_and_relative_grad(model, fr.nll)(params, jnp.ones((2, 3)))
   flow = fr.FlowMLP(2)
   params = flow.init(jax.random.PRNGKey(0), jnp.ones((2, 3)))["params"]
   with pytest.raises(ValueError, match=r"must return a scalar loss, got shape \(2,\)"):
@@ -220,24 +190,20 @@ def test_vmap_without_collection_axes_is_refused_naming_the_cause():
   x = jnp.ones((4, 3))
   params = ensemble.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
   with pytest.raises(ValueError, match="inside nn.vmap or nn.scan, list 'intermediates' and 'perturbations'"):
-    fr.value_and_relative_grad(ensemble, lambda m, x: -m.log_prob(x).mean())(params, x)
+    fr.value_and_relative_grad(ensemble, fr.nll)(params, x)
 
 
 def test_bad_batches_raise():
   model = fr.FlowMLP(2)
   params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
-  with pytest.raises(ValueError, match=r"batch of shape \(B, D\), got \(2, 2, 2\)"):
-    fr.value_and_relative_grad_args(model, params, jnp.ones((2, 2, 2)))
-  with pytest.raises(ValueError, match=r"empty batch \(0, 4\)"):
-    fr.value_and_relative_grad_args(model, params, jnp.ones((0, 4)))
-  with pytest.raises(ValueError, match=r"flow layer 'layers_0' was applied to an empty batch"):
-    fr.value_and_relative_grad(model, lambda m, x: -m.log_prob(x).sum())(params, jnp.ones((0, 4)))
+  with pytest.raises(ValueError, match=r"flow layer 'layers_0' was applied to an empty batch \(0, 4\)"):
+    fr.value_and_relative_grad(model, fr.nll)(params, jnp.ones((0, 4)))
+  with pytest.raises(ValueError, match=r"shape \(\.\.\., D\)"):
+    fr.value_and_relative_grad(model, fr.nll)(params, jnp.ones(()))
   conditional = fr.ConditionalFlowMLP(2)
   params = conditional.init(jax.random.PRNGKey(0), jnp.ones((3, 4)), jnp.ones((3, 2)))["params"]
   with pytest.raises(ValueError, match=r"context of shape \(5, 'C'\).*got \(3, 2\)"):
-    fr.value_and_relative_grad_args(conditional, params, jnp.ones((5, 4)), jnp.ones((3, 2)))
-  with pytest.raises(ValueError, match="has no log_prob method"):
-    fr.value_and_relative_grad_args(nn.Dense(4), params, jnp.ones((5, 4)))
+    fr.value_and_relative_grad(conditional, fr.nll)(params, jnp.ones((5, 4)), jnp.ones((3, 2)))
 
 
 def test_loss_through_the_inverse_is_refused():
