@@ -1,4 +1,9 @@
-"""Shared fixtures: float64 for brute-force references, and small random flows."""
+"""Shared fixtures: float64 for brute-force references, and small random flows.
+
+The tests here need the library only (jax, flax, optax); those of the experiment programs,
+which need the `experiments` extra, are in `programs/` (`python -m pytest --ignore=tests/programs`
+runs the library's alone).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +41,10 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def maf_release_dir(tmp_path_factory):
-  """A folder laid out like the MAF benchmark release, with small synthetic files."""
+  """A folder laid out like the MAF benchmark release, with small synthetic files.
+
+  For the tests in programs/ (importing them puts programs/ on sys.path). It stays here: a
+  second conftest.py would shadow this one for `from conftest import ...`.
+  """
   from maf_release import write_release  # pylint: disable=g-import-not-at-top
   return write_release(str(tmp_path_factory.mktemp("maf_release")))

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from experiments.training import data
 from experiments.training import loop
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # test_mnist.py runs the MNIST default end to end, through test.py (the default, smaller).
 RUN_END_TO_END_ELSEWHERE = {"experiments.mnist.configs.default", "experiments.mnist.configs.test"}
 CONFIG_MODULES = sorted(

@@ -22,7 +22,7 @@ from experiments.mnist.configs import test as test_config
 
 NUM_EXAMPLES = 16
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parallel_config():
