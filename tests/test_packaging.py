@@ -64,3 +64,13 @@ def test_installed_version_matches_dunder_version():
   except importlib.metadata.PackageNotFoundError:
     pytest.skip("flax-relgrad is not installed (tests run from a bare checkout)")
   assert installed == flax_relgrad.__version__
+
+
+def test_ci_pins_the_declared_lower_bounds(wheel):
+  """ci/min-constraints.txt pins exactly the lower bounds the metadata declares."""
+  version = flax_relgrad.__version__
+  metadata = email.message_from_bytes(wheel.read(f"flax_relgrad-{version}.dist-info/METADATA"))
+  declared = {r.split(">=")[0]: r.split(">=")[1] for r in metadata.get_all("Requires-Dist") if "extra ==" not in r}
+  lines = (ROOT / "ci" / "min-constraints.txt").read_text().splitlines()
+  pinned = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+  assert pinned == declared
