@@ -1,22 +1,33 @@
-"""`FlowMLP`: an unconstrained dense normalizing flow as a Flax Linen module.
+"""Dense flow layers and `FlowMLP`, an unconstrained dense normalizing flow (Flax Linen).
 
-Row-vector convention (ENGINEERING.md §1). For a batch x of shape (B, D):
+Row-vector convention (docs/method.md §1). For inputs x of shape (..., D):
 
     y_k = z_{k-1} W_k + b_k,   z_0 = x,   W_k: (D, D),  b_k: (D,)
     z_k = σ(y_k) for k < L,    z_L = y_L  (no activation after the last layer)
 
     log p(x) = Σ_i log N(z_L,i; 0, 1) + Σ_{k<L} Σ_i log σ'(y_k,i) + Σ_k log|det W_k|.
 
-Every layer sows its pre-activation y_k into the `intermediates` collection and passes it
-through `perturb`, so that δ_k = ∂loss/∂y_k (per example) comes out of `jax.grad` with
-respect to the `perturbations` collection. :func:`flax_relgrad.relative_jacobian` turns
-those into the relative gradient at O(B·D²) per layer.
+Relative-gradient bookkeeping. `FlowDense` is the only place where it happens, and it is
+invisible in a plain `model.apply`. Inside :func:`flax_relgrad.value_and_relative_grad`
+every call of a flow layer
+
+- sows its pre-activation y into the `intermediates` collection under `PREACTIVATION` (one
+  tuple entry per call) and adds a zero perturbation to it, kept in the `perturbations`
+  collection under the same name, so that the gradient with respect to the perturbation is
+  δ = ∂loss/∂y;
+- replaces the value of `log_abs_det()` by a scalar placeholder in `perturbations` under
+  `LOG_ABS_DET`, so that the gradient with respect to it is λ = ∂loss/∂log|det W|, however
+  the loss weighs that term (a batch mean, a sum over T sequence positions or H·W pixels, a
+  mask), and no O(D³) `slogdet` is computed.
+
+From y, δ and λ, :func:`flax_relgrad.relative_jacobian` computes the relative gradient in
+O(B·D²) per layer.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,15 +36,22 @@ import jax.numpy as jnp
 from flax_relgrad.activations import Activation, SmoothLeakyReLU
 
 PREACTIVATION = "preactivation"
-"""Name under which every flow layer sows y_k and registers its perturbation."""
+"""Name under which a flow layer sows y (`intermediates`) and keeps its δ (`perturbations`)."""
+
+LOG_ABS_DET = "log_abs_det"
+"""Name of a flow layer's log|det W| placeholder in the `perturbations` collection."""
+
+INTERMEDIATES = "intermediates"
+PERTURBATIONS = "perturbations"
 
 Initializer = Callable[..., jax.Array]
+Dtype = Any
 
 
 def near_identity(scale: float = 0.01) -> Initializer:
   """Kernel initializer I + scale·N(0, 1/D): a flow that starts close to the identity."""
 
-  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
     if len(shape) != 2 or shape[0] != shape[1]:
       raise ValueError(f"near_identity initializes square kernels only, got shape {shape}.")
     noise = jax.random.normal(key, shape, dtype) / math.sqrt(shape[0])
@@ -42,12 +60,30 @@ def near_identity(scale: float = 0.01) -> Initializer:
   return init
 
 
+def factorisation_dtype(dtype: Dtype) -> Dtype:
+  """The dtype LU/QR factorisations run in: at least float32 (LAPACK has no bfloat16/float16)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class FlowDense(nn.Module):
-  """One square dense layer y = z W + b of a flow (no activation).
+  """One square dense layer y = z W + b of a flow (no activation), W unconstrained.
+
+  Applied to z of shape (..., D) it maps every D-vector: on a (B, T, D) sequence it acts per
+  position, on a (B, H, W, C) image it is an invertible 1×1 convolution (Glow). Each example
+  then holds several D-vectors and its log-det holds log|det W| that many times; compute it
+  with `forward_and_log_det(z, event_ndims)`, and the relative gradient picks up the weight
+  from the loss automatically.
+
+  Contract for layers built around it (what keeps the relative gradient exact): the sown
+  pre-activation is exactly z @ kernel + bias with this layer's own `kernel` and `bias`
+  params; the loss depends on them only through y and `log_abs_det()`. Context-dependent
+  shifts or scales go *after* the layer, in another module (as in `ConditionalFlowMLP`),
+  never into its y. `relative_jacobian` refuses a flow layer whose params hold anything but
+  `kernel` and `bias`.
 
   Attributes:
     use_bias: whether to add the bias b.
-    kernel_init: initializer of the (D, D) kernel W.
+    kernel_init: initializer of the (D, D) kernel W (run in at least float32, then cast).
     bias_init: initializer of the (D,) bias b.
     param_dtype: dtype of the parameters.
   """
@@ -55,69 +91,181 @@ class FlowDense(nn.Module):
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.orthogonal()
   bias_init: Initializer = nn.initializers.zeros
-  param_dtype: Any = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
-    """Maps z (..., D) to y (..., D); sows and perturbs y under `PREACTIVATION`."""
+    """Maps z (..., D) to y = z W + b (..., D)."""
     width = z.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (width, width), self.param_dtype)
+    kernel = self.param("kernel", self._init_kernel, (width, width))
     y = z @ kernel
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (width,), self.param_dtype)
-    self.sow("intermediates", PREACTIVATION, y)
-    return self.perturb(PREACTIVATION, y)
+    return self._track_preactivation(y)
+
+  def _init_kernel(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return self.kernel_init(key, shape, factorisation_dtype(self.param_dtype)).astype(
+        self.param_dtype
+    )
+
+  def _track_preactivation(self, y: jax.Array) -> jax.Array:
+    """Sows y and adds this call's perturbation (a no-op outside the relative-gradient pass)."""
+    if self.is_initializing():
+      return y
+    call = len(self.get_variable(INTERMEDIATES, PREACTIVATION, ()))
+    if not self.sow(INTERMEDIATES, PREACTIVATION, y):
+      return y
+    if self.is_mutable_collection(PERTURBATIONS):  # the shape-only discovery pass
+      known = self.get_variable(PERTURBATIONS, PREACTIVATION, ())
+      self.put_variable(PERTURBATIONS, PREACTIVATION, known + (jnp.zeros_like(y),))
+      return y
+    if not self.has_variable(PERTURBATIONS, PREACTIVATION):
+      return y
+    perturbations = self.get_variable(PERTURBATIONS, PREACTIVATION)
+    if call >= len(perturbations):
+      raise ValueError(
+          f"FlowDense '{'/'.join(self.path)}': the perturbations hold no entry for call "
+          f"{call + 1} of this layer; they must be made from the same call "
+          "(flax_relgrad.value_and_relative_grad builds them)."
+      )
+    return y + perturbations[call]
+
+  def log_abs_det(self) -> jax.Array:
+    """log|det W| (a scalar) by `slogdet`, O(D³), in at least float32; in the
+    relative-gradient pass, the placeholder that stands for it (no slogdet)."""
+    if self.is_mutable_collection(PERTURBATIONS) and not self.is_initializing():
+      value = kernel_log_abs_det(self.get_variable("params", "kernel"))
+      self.put_variable(PERTURBATIONS, LOG_ABS_DET, jnp.zeros_like(value))
+      return value
+    if self.has_variable(PERTURBATIONS, LOG_ABS_DET):
+      return self.get_variable(PERTURBATIONS, LOG_ABS_DET)
+    return kernel_log_abs_det(self.get_variable("params", "kernel"))
+
+  def forward_and_log_det(self, z: jax.Array, event_ndims: int = 1) -> tuple[jax.Array, jax.Array]:
+    """y = z W + b and the log-det per example.
+
+    Args:
+      z: input (..., D).
+      event_ndims: how many trailing axes of z form one example: 1 for vectors, 2 for a
+        (T, D) sequence, 3 for an (H, W, C) image.
+
+    Returns:
+      y (same shape as z) and log|det ∂y/∂z| = n·log|det W| of shape z.shape[:-event_ndims],
+      n = the number of D-vectors per example (T, H·W, ...).
+    """
+    if not 1 <= event_ndims <= z.ndim:
+      raise ValueError(f"event_ndims must be in [1, {z.ndim}] for an input of shape {z.shape}.")
+    vectors_per_example = math.prod(z.shape[z.ndim - event_ndims : -1])
+    y = self(z)
+    log_det = vectors_per_example * self.log_abs_det()
+    return y, jnp.broadcast_to(log_det, z.shape[: z.ndim - event_ndims])
 
   def inverse(self, y: jax.Array) -> jax.Array:
     """z = (y − b) W⁻¹ for y (..., D), with one LU factorisation of W per call."""
     kernel = self.get_variable("params", "kernel")
     if self.use_bias:
       y = y - self.get_variable("params", "bias")
-    lu_and_pivots = jax.scipy.linalg.lu_factor(kernel)
-    flat = y.reshape(-1, y.shape[-1])
+    dtype = factorisation_dtype(y.dtype)
+    lu_and_pivots = jax.scipy.linalg.lu_factor(kernel.astype(dtype))
+    flat = y.reshape(-1, y.shape[-1]).astype(dtype)
     # z W = y  ⇔  Wᵀ zᵀ = yᵀ, hence trans=1.
     z = jax.scipy.linalg.lu_solve(lu_and_pivots, flat.T, trans=1).T
-    return z.reshape(y.shape)
-
-  def log_abs_det(self) -> jax.Array:
-    """log|det W| (a scalar), O(D³) through `slogdet`."""
-    return jnp.linalg.slogdet(self.get_variable("params", "kernel"))[1]
+    return z.reshape(y.shape).astype(y.dtype)
 
 
-def _check_input(x: jax.Array) -> None:
+def kernel_log_abs_det(kernel: jax.Array) -> jax.Array:
+  """log|det W| of a (..., D, D) kernel through `slogdet`, in at least float32."""
+  return jnp.linalg.slogdet(kernel.astype(factorisation_dtype(kernel.dtype)))[1]
+
+
+def check_vectors(x: jax.Array, name: str = "inputs") -> None:
+  """Refuses anything but a non-empty array of D-vectors (..., D)."""
   if x.ndim < 1 or x.shape[-1] < 1:
-    raise ValueError(f"FlowMLP expects inputs of shape (..., D) with D >= 1, got {x.shape}.")
+    raise ValueError(f"The flow expects {name} of shape (..., D) with D >= 1, got {x.shape}.")
+
+
+Modulation = tuple[jax.Array, jax.Array]
+"""(shift, log_scale) applied to one layer's pre-activation: y ← y·exp(log_scale) + shift."""
+
+
+def stack_forward(
+    layers: Sequence[FlowDense],
+    activation: Activation,
+    x: jax.Array,
+    modulations: Sequence[Modulation] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """z and the example-dependent part of log|det ∂z/∂x| of a dense stack, shape x.shape[:-1].
+
+  That part is Σ_{k<L} Σ_i log σ'(y_k,i) plus Σ_k Σ_i log_scale_k,i for modulated layers;
+  the kernels' Σ_k log|det W_k| is not included.
+  """
+  z = x
+  log_det = jnp.zeros(x.shape[:-1], x.dtype)
+  for index, layer in enumerate(layers):
+    y = layer(z)
+    if modulations is not None:
+      shift, log_scale = modulations[index]
+      y = y * jnp.exp(log_scale) + shift
+      log_det = log_det + log_scale.sum(-1)
+    if index == len(layers) - 1:
+      z = y
+    else:
+      log_det = log_det + activation.log_derivative(y).sum(-1)
+      z = activation(y)
+  return z, log_det
+
+
+def stack_inverse(
+    layers: Sequence[FlowDense],
+    activation: Activation,
+    z: jax.Array,
+    modulations: Sequence[Modulation] | None = None,
+) -> jax.Array:
+  """x = g⁻¹(z) of a dense stack: linear solves and Newton-inverted activations."""
+  y = z
+  for index in reversed(range(len(layers))):
+    if index != len(layers) - 1:
+      # The activation's Newton iteration needs float32 precision at least.
+      y = activation.inverse(y.astype(factorisation_dtype(y.dtype))).astype(y.dtype)
+    if modulations is not None:
+      shift, log_scale = modulations[index]
+      y = (y - shift) * jnp.exp(-log_scale)
+    y = layers[index].inverse(y)
+  return y
+
+
+def make_layers(num_layers: int, use_bias: bool, kernel_init: Initializer, param_dtype: Dtype):
+  if num_layers < 1:
+    raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
+  return [
+      FlowDense(use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype)
+      for _ in range(num_layers)
+  ]
 
 
 class FlowMLP(nn.Module):
   """A dense normalizing flow: `num_layers` square layers with activations in between.
 
-  Data → latent is the forward direction. The width D is taken from the input; all
-  kernels are D×D and unconstrained (no triangular or LU structure).
+  Data → latent is the forward direction. The width D is taken from the input; all kernels
+  are D×D and unconstrained (no triangular or LU structure). Every method maps the last axis
+  and keeps any leading batch shape.
 
   Attributes:
     num_layers: number of dense layers L ≥ 1.
     activation: strictly increasing activation between layers (see `Activation`).
     use_bias: whether the layers have biases.
     kernel_init: kernel initializer (orthogonal by default; see `near_identity`).
-    param_dtype: dtype of the parameters.
+    param_dtype: dtype of the parameters (bfloat16 works: factorisations run in float32).
   """
 
   num_layers: int = 2
   activation: Activation = SmoothLeakyReLU()
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.orthogonal()
-  param_dtype: Any = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    if self.num_layers < 1:
-      raise ValueError(f"FlowMLP needs num_layers >= 1, got {self.num_layers}.")
-    self.layers = [
-        FlowDense(
-            use_bias=self.use_bias, kernel_init=self.kernel_init, param_dtype=self.param_dtype
-        )
-        for _ in range(self.num_layers)
-    ]
+    self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Data x (..., D) → latent z (..., D)."""
@@ -127,23 +275,13 @@ class FlowMLP(nn.Module):
     """Latent z (..., D) and the activations' log-det Σ_{k<L} Σ_i log σ'(y_k,i), shape (...).
 
     This is the part of log|det ∂z/∂x| that depends on the example; the kernels' part
-    Σ_k log|det W_k| is `kernel_log_abs_det()`. Training with `relative_jacobian`
-    differentiates only this part (its gradient is O(B·D²)).
+    Σ_k log|det W_k| is `kernel_log_abs_det()`.
     """
-    _check_input(x)
-    z = x
-    activation_log_det = jnp.zeros(x.shape[:-1], x.dtype)
-    for index, layer in enumerate(self.layers):
-      y = layer(z)
-      if index == self.num_layers - 1:
-        z = y
-      else:
-        activation_log_det = activation_log_det + self.activation.log_derivative(y).sum(-1)
-        z = self.activation(y)
-    return z, activation_log_det
+    check_vectors(x)
+    return stack_forward(self.layers, self.activation, x)
 
   def kernel_log_abs_det(self) -> jax.Array:
-    """Σ_k log|det W_k| (a scalar), O(L·D³)."""
+    """Σ_k log|det W_k| (a scalar): O(L·D³) in a plain apply, free in the relative pass."""
     return sum(layer.log_abs_det() for layer in self.layers)
 
   def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,19 +296,13 @@ class FlowMLP(nn.Module):
 
   def inverse(self, z: jax.Array) -> jax.Array:
     """Latent z (..., D) → data x (..., D): linear solves and Newton-inverted activations."""
-    _check_input(z)
-    y = z
-    for index in reversed(range(self.num_layers)):
-      if index != self.num_layers - 1:
-        y = self.activation.inverse(y)
-      y = self.layers[index].inverse(y)
-    return y
+    check_vectors(z, "latents")
+    return stack_inverse(self.layers, self.activation, z)
 
   def sample(self, rng: jax.Array, num_samples: int) -> jax.Array:
     """`num_samples` draws x = g⁻¹(z), z ~ N(0, I): shape (num_samples, D)."""
-    width = self.layers[0].get_variable("params", "kernel").shape[0]
-    kernel_dtype = self.layers[0].get_variable("params", "kernel").dtype
-    return self.inverse(jax.random.normal(rng, (num_samples, width), kernel_dtype))
+    kernel = self.layers[0].get_variable("params", "kernel")
+    return self.inverse(jax.random.normal(rng, (num_samples, kernel.shape[-1]), kernel.dtype))
 
 
 def standard_normal_log_prob(z: jax.Array) -> jax.Array:

@@ -1,86 +1,223 @@
-"""Losses and gradients for maximum-likelihood training of a `FlowMLP`.
+"""Losses and gradients for maximum-likelihood training of models that contain flow layers.
 
-Two ways to get an exact maximum-likelihood update:
-
-- :func:`value_and_relative_grad_args` (fast, O(B·D²) per layer): differentiates only the
-  per-example part of −log p(x), returns δ and the pre-activations, and lets
-  :func:`flax_relgrad.relative_jacobian` add the log-det term as −W, −b.
-- :func:`value_and_exact_grad` (naive, O(D³) per layer): autodiff through `slogdet`; the
-  Euclidean gradient any flow library gives an unconstrained dense layer.
+- :func:`value_and_relative_grad` (fast, O(B·D²) per flow layer): the general entry point,
+  like `jax.value_and_grad` for a loss written in terms of a Linen module. It returns the
+  loss, the gradients and the extra args that :func:`flax_relgrad.relative_jacobian` turns
+  into the exact relative gradient.
+- :func:`value_and_relative_grad_args`: the one-liner for a flow with a `log_prob` method.
+- :func:`value_and_exact_grad` (naive, O(D³) per flow layer): autodiff through `slogdet`,
+  the Euclidean gradient any flow library gives an unconstrained dense layer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.flow import FlowMLP, standard_normal_log_prob
+from flax_relgrad.flow import (
+    INTERMEDIATES,
+    FlowDense,
+    LOG_ABS_DET,
+    PERTURBATIONS,
+    PREACTIVATION,
+    factorisation_dtype,
+    kernel_log_abs_det,
+)
 
 PyTree = Any
+LossFn = Callable[..., Any]
 
 
-def _check_batch(model: FlowMLP, x: jax.Array) -> None:
+def value_and_relative_grad(
+    model: nn.Module,
+    loss_fn: LossFn | str,
+    *,
+    has_aux: bool = False,
+    exact_loss: bool = False,
+    require_log_det: bool = True,
+) -> Callable[..., tuple[Any, PyTree, dict[str, PyTree]]]:
+  """Like `jax.value_and_grad`, for a loss of a Linen module that contains flow layers.
+
+  `loss_fn(module, *args, **kwargs)` computes the loss from the bound module (any methods,
+  any number of flows, nested anywhere, beside ordinary layers), for example
+  `lambda m, x: -m.log_prob(x).mean()`; a method name works too. The returned function
+  `(params, *args, rngs=None, **kwargs) -> (value, grads, extra)` applies it as
+  `model.apply({"params": params}, *args, method=loss_fn, rngs=rngs, **kwargs)`, with
+
+  - `value`: the loss, or `(loss, aux)` with `has_aux=True`. **Unless `exact_loss`, every
+    flow layer's log|det W| enters it as 0**: the loss is then not the NLL (add
+    Σ_k λ_k log|det W_k| — see `exact_loss` — or evaluate `log_prob` when you report);
+  - `grads`: gradients with the structure of params. Those of flow kernels and biases are
+    placeholders that `relative_jacobian()` replaces; every other leaf is the exact
+    gradient of the loss;
+  - `extra`: `{"intermediates", "perturbations"}`, to pass as
+    `tx.update(grads, opt_state, params, **extra)` (or `TrainState.apply_gradients(grads=
+    grads, **extra)`): each flow layer's pre-activations y, δ = ∂loss/∂y, and
+    λ = ∂loss/∂log|det W|, however the loss weighs the log-det (batch mean or sum, T terms
+    per sequence, H·W per image, masks).
+
+  The bookkeeping is built from this call (a shape-only pass, free under jit), never from
+  `init`, so any batch size works.
+
+  Args:
+    model: the Linen module (unbound).
+    loss_fn: `loss_fn(module, *args, **kwargs)` returning a scalar (or (scalar, aux)), or the
+      name of a method of `model` that does.
+    has_aux: whether `loss_fn` returns (loss, aux).
+    exact_loss: compute each flow layer's log|det W| by `slogdet` (forward only, O(D³)), so
+      that the returned loss is exact. Needed for exactness when the loss is not affine in
+      the log-likelihoods (a mixture of flows, a log-mean-exp): there δ and λ depend on the
+      log-det values. A batch mean or sum of log-likelihoods does not need it.
+    require_log_det: refuse a loss that applies a flow layer but never uses its
+      log|det W| (a likelihood without it is wrong); pass False for a loss that truly does
+      not contain it.
+
+  Returns:
+    The function `(params, *args, rngs=None, **kwargs) -> (value, grads, extra)`.
+  """
+
+  def value_and_grad_fn(params: PyTree, *args: Any, rngs: Any = None, **kwargs: Any):
+    def apply(params, perturbations, mutable):
+      variables = {"params": params}
+      if perturbations is not None:
+        variables[PERTURBATIONS] = perturbations
+      return model.apply(variables, *args, method=loss_fn, mutable=mutable, rngs=rngs, **kwargs)
+
+    applied_layers = set()
+
+    def record_flow_layers(next_fun, args, kwargs, context):
+      if isinstance(context.module, FlowDense) and context.method_name == "__call__":
+        applied_layers.add(tuple(context.module.path))
+      return next_fun(*args, **kwargs)
+
+    def discover(params):
+      with nn.intercept_methods(record_flow_layers):
+        return apply(params, None, [INTERMEDIATES, PERTURBATIONS])[1].get(PERTURBATIONS, {})
+
+    discovered = jax.eval_shape(discover, params)
+    placeholders = _placeholders(discovered, params, applied_layers, exact_loss, require_log_det)
+
+    def loss_and_state(params, perturbations):
+      output, state = apply(params, perturbations, [INTERMEDIATES])
+      loss, aux = output if has_aux else (output, None)
+      _check_scalar_loss(loss)
+      return loss, (aux, _preactivations(state[INTERMEDIATES]))
+
+    (loss, (aux, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
+        loss_and_state, argnums=(0, 1), has_aux=True
+    )(params, placeholders)
+    extra = {INTERMEDIATES: preactivations, PERTURBATIONS: perturbation_grads}
+    return ((loss, aux) if has_aux else loss), grads, extra
+
+  return value_and_grad_fn
+
+
+def _placeholders(
+    discovered: PyTree,
+    params: PyTree,
+    applied_layers: set[tuple[str, ...]],
+    exact_loss: bool,
+    require_log_det: bool,
+) -> PyTree:
+  """Zero perturbations shaped like the discovered ones; log-det placeholders filled in."""
+  flat = flax.traverse_util.flatten_dict(discovered)
+  layers = {path[:-1] for path in flat if path[-1] in (PREACTIVATION, LOG_ABS_DET)}
+  untracked = applied_layers - {path[:-1] for path in flat if path[-1] == PREACTIVATION}
+  if untracked:
+    raise ValueError(
+        f"value_and_relative_grad: flow layers {sorted('/'.join(p) for p in untracked)} were "
+        "applied where the relative-gradient collections do not reach them: inside nn.vmap or "
+        "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same "
+        "axis as 'params' (0), e.g. variable_axes={'params': 0, 'intermediates': 0, "
+        "'perturbations': 0}."
+    )
+  if not layers:
+    raise ValueError(
+        "value_and_relative_grad: the loss applies no flow layer (FlowDense); the relative "
+        "gradient is for models that contain one. Use jax.value_and_grad otherwise."
+    )
+  flat_params = flax.traverse_util.flatten_dict(params)
+  placeholders = {}
+  for layer in sorted(layers):
+    name = "/".join(map(str, layer))
+    preactivations = flat.get(layer + (PREACTIVATION,), ())
+    for y in preactivations:
+      if y.size == 0:
+        raise ValueError(f"value_and_relative_grad: flow layer '{name}' was applied to an empty batch {y.shape}.")
+    placeholders[layer + (PREACTIVATION,)] = tuple(jnp.zeros(y.shape, y.dtype) for y in preactivations)
+    kernel = flat_params[layer + ("kernel",)]
+    if exact_loss:
+      log_abs_det = kernel_log_abs_det(jax.lax.stop_gradient(kernel))
+    else:
+      log_abs_det = jnp.zeros(kernel.shape[:-2], factorisation_dtype(kernel.dtype))
+    # Unused by a loss without the log-det (require_log_det=False), it gets gradient λ = 0.
+    placeholders[layer + (LOG_ABS_DET,)] = log_abs_det
+    if layer + (LOG_ABS_DET,) not in flat and require_log_det:
+      raise ValueError(
+          f"value_and_relative_grad: the loss applies flow layer '{name}' but never uses its "
+          "log|det W|, so it is not a likelihood (use log_prob or forward_and_log_det, which "
+          "include it). If the loss truly does not contain it, pass require_log_det=False."
+      )
+  return flax.traverse_util.unflatten_dict(placeholders)
+
+
+def _preactivations(intermediates: PyTree) -> PyTree:
+  """The flow layers' sown pre-activations, without anything else the model sowed."""
+  flat = flax.traverse_util.flatten_dict(intermediates)
+  return flax.traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] == PREACTIVATION})
+
+
+def _check_scalar_loss(loss: Any) -> None:
+  if jnp.shape(loss) != ():
+    raise ValueError(
+        f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
+        " (reduce over the batch, e.g. with .mean(); with has_aux=True return (loss, aux))."
+    )
+
+
+def _nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
+  return -jnp.mean(module.log_prob(x, *args))
+
+
+def _check_flow_batch(model: nn.Module, x: jax.Array) -> None:
+  if not hasattr(model, "log_prob"):
+    raise ValueError(
+        f"{type(model).__name__} has no log_prob method; for a model of your own use "
+        "flax_relgrad.value_and_relative_grad(model, loss_fn) with the loss written in it."
+    )
   if x.ndim != 2:
     raise ValueError(
         f"{type(model).__name__} training expects a batch of shape (B, D), got {x.shape}; "
         "flatten images first (e.g. x.reshape(B, -1))."
     )
-
-
-def zero_perturbations(model: FlowMLP, params: PyTree, x: jax.Array) -> PyTree:
-  """Zero `perturbations` shaped like this batch's pre-activations (free under jit).
-
-  A perturbation's shape is frozen by the batch it was made for, so build it per batch:
-  the ones `init` returns only fit the init batch.
-  """
-  abstract = jax.eval_shape(
-      lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"])[1], params, x
-  )
-  return jax.tree_util.tree_map(
-      lambda sown: jnp.zeros(sown[-1].shape, sown[-1].dtype),
-      abstract["intermediates"],
-      is_leaf=lambda node: isinstance(node, tuple),
-  )
+  if x.shape[0] == 0:
+    raise ValueError(f"{type(model).__name__} training got an empty batch {x.shape}.")
 
 
 def value_and_relative_grad_args(
-    model: FlowMLP, params: PyTree, x: jax.Array
+    model: nn.Module, params: PyTree, x: jax.Array, *args: Any
 ) -> tuple[jax.Array, PyTree, dict[str, PyTree]]:
   """Loss, gradients and extra args for `relative_jacobian()`, for a batch x (B, D).
 
-  The loss is the batch mean of −[Σ log N(z) + Σ log σ'(y)]: the negative log-likelihood
-  *without* the data-independent −Σ_k log|det W_k|, which `relative_jacobian` accounts for
-  (add `model.apply(..., method=FlowMLP.kernel_log_abs_det)` to report the full NLL).
+  The loss is the batch mean of −log p(x | *args) under `model.log_prob` (`FlowMLP`,
+  `ConditionalFlowMLP` with its context as `args`) **without** the kernels'
+  −Σ_k log|det W_k|, which `relative_jacobian` accounts for: it is not the NLL; add
+  `model.apply({"params": params}, method=FlowMLP.kernel_log_abs_det)` when you report.
+  Built on :func:`value_and_relative_grad`.
 
   Returns:
-    (loss, grads, extra) where grads has the structure of params and
-    extra = {"intermediates": sown pre-activations, "perturbations": δ = ∂loss/∂y}, to be
-    passed as `tx.update(grads, opt_state, params, **extra)`.
+    (loss, grads, extra), to be used as `tx.update(grads, opt_state, params, **extra)`.
   """
-  _check_batch(model, x)
-  perturbations = zero_perturbations(model, params, x)
-
-  def loss_fn(params, perturbations):
-    (z, activation_log_det), state = model.apply(
-        {"params": params, "perturbations": perturbations},
-        x,
-        method=FlowMLP.forward_and_activation_log_det,
-        mutable=["intermediates"],
-    )
-    loss = -jnp.mean(standard_normal_log_prob(z) + activation_log_det)
-    return loss, state["intermediates"]
-
-  (loss, intermediates), (grads, deltas) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True
-  )(params, perturbations)
-  return loss, grads, {"intermediates": intermediates, "perturbations": deltas}
+  _check_flow_batch(model, x)
+  return value_and_relative_grad(model, _nll)(params, x, *args)
 
 
-def value_and_exact_grad(model: FlowMLP, params: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
-  """Batch-mean exact NLL −log p(x) and its Euclidean gradient, autodiff through `slogdet`."""
-  _check_batch(model, x)
-  return jax.value_and_grad(
-      lambda p: -jnp.mean(model.apply({"params": p}, x, method=FlowMLP.log_prob))
-  )(params)
+def value_and_exact_grad(model: nn.Module, params: PyTree, x: jax.Array, *args: Any) -> tuple[jax.Array, PyTree]:
+  """Batch-mean exact NLL −log p(x | *args) and its Euclidean gradient, autodiff through
+  `slogdet` (O(D³) per layer)."""
+  _check_flow_batch(model, x)
+  return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=_nll))(params)

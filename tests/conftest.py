@@ -34,8 +34,24 @@ def random_flow_params(model: fr.FlowMLP, width: int, seed: int, scale: float = 
   """Params of `model` for width D, moved away from the orthogonal init so no term vanishes."""
   init_batch = jnp.zeros((2, width), model.param_dtype)
   params = model.init(jax.random.PRNGKey(seed), init_batch)["params"]
+  return perturb_params(params, seed + 1, scale)
+
+
+def brute_force_relative_gradient(kernel, bias, kernel_grad, bias_grad):
+  """Ŵ Ŵᵀ Ĝ restricted to the trainable block, Ŵ = [[W, 0], [b, 1]], Ĝ = [[G_W, 0], [g_b, 0]]."""
+  width = kernel.shape[0]
+  if bias is None:
+    bias, bias_grad = jnp.zeros(width), jnp.zeros(width)
+  augmented = jnp.block([[kernel, jnp.zeros((width, 1))], [bias[None], jnp.ones((1, 1))]])
+  augmented_grad = jnp.block([[kernel_grad, jnp.zeros((width, 1))], [bias_grad[None], jnp.zeros((1, 1))]])
+  relative = augmented @ augmented.T @ augmented_grad
+  return relative[:width, :width], relative[width, :width]
+
+
+def perturb_params(params, seed: int, scale: float = 0.3):
+  """Every leaf moved by scale·N(0, 1), so that no term of a gradient vanishes."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   noisy = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(treedef, noisy)
 

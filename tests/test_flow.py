@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import flax_relgrad as fr
@@ -118,3 +119,28 @@ def test_bad_inputs_raise_clear_errors():
     fr.FlowMLP(2).init(jax.random.PRNGKey(0), jnp.zeros(()))
   with pytest.raises(ValueError, match="square kernels"):
     fr.near_identity()(jax.random.PRNGKey(0), (3, 4))
+
+
+def test_bfloat16_params_init_train_log_prob_and_sample():
+  """LAPACK has no bfloat16 QR/LU on CPU: factorisations run in float32, results come back."""
+  model = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.3), param_dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 8)) * jnp.arange(1.0, 9.0)
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  log_prob = lambda p: float(model.apply({"params": p}, x, method=fr.FlowMLP.log_prob).mean())
+  start = log_prob(params)
+  assert np.isfinite(fr.value_and_exact_grad(model, params, x)[0])
+  tx = optax.chain(fr.relative_jacobian(), optax.adam(1e-2))
+  state = fr.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  @jax.jit
+  def step(state):
+    _, grads, extra = fr.value_and_relative_grad_args(model, state.params, x)
+    return state.apply_gradients(grads=grads, **extra)
+
+  for _ in range(100):
+    state = step(state)
+  assert log_prob(state.params) > start + 10
+  samples = model.apply({"params": state.params}, jax.random.PRNGKey(2), 5, method=fr.FlowMLP.sample)
+  assert samples.shape == (5, 8) and samples.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(samples)))
+

@@ -8,23 +8,12 @@ import optax
 import pytest
 
 import flax_relgrad as fr
-from conftest import random_flow_params
+from conftest import brute_force_relative_gradient, random_flow_params
 
 
-def brute_force_relative_gradient(kernel, bias, kernel_grad, bias_grad):
-  """Ŵ Ŵᵀ Ĝ restricted to the trainable block, Ŵ = [[W, 0], [b, 1]], Ĝ = [[G_W, 0], [g_b, 0]]."""
-  width = kernel.shape[0]
-  if bias is None:
-    bias, bias_grad = jnp.zeros(width), jnp.zeros(width)
-  augmented = jnp.block([[kernel, jnp.zeros((width, 1))], [bias[None], jnp.ones((1, 1))]])
-  augmented_grad = jnp.block([[kernel_grad, jnp.zeros((width, 1))], [bias_grad[None], jnp.zeros((1, 1))]])
-  relative = augmented @ augmented.T @ augmented_grad
-  return relative[:width, :width], relative[width, :width]
-
-
-def relative_updates(model, params, x, log_det_weight=1.0):
+def relative_updates(model, params, x):
   _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-  tx = fr.relative_jacobian(log_det_weight)
+  tx = fr.relative_jacobian()
   return tx.update(grads, tx.init(params), params, **extra)[0]
 
 
@@ -54,21 +43,6 @@ def test_matches_brute_force_augmented_relative_gradient(float64, num_layers, wi
       assert set(updates[layer]) == {"kernel"}
 
 
-def test_log_det_weight_scales_the_log_det_term(float64):
-  model = fr.FlowMLP(2, param_dtype=jnp.float64)
-  params = random_flow_params(model, 4, seed=0)
-  x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
-  # A batch-sum loss is B times the batch mean: its relative gradient is B times too.
-  _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
-  scaled = jax.tree_util.tree_map(lambda g: 6.0 * g, (grads, extra["perturbations"]))
-  tx = fr.relative_jacobian(log_det_weight=6.0)
-  summed = tx.update(scaled[0], tx.init(params), params,
-                     intermediates=extra["intermediates"], perturbations=scaled[1])[0]
-  mean = relative_updates(model, params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(mean)):
-    np.testing.assert_allclose(a, 6.0 * b, rtol=1e-12)
-
-
 def dot_operand_shapes(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
   return [tuple(v.aval.shape for v in eqn.invars) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
@@ -87,24 +61,21 @@ def test_matmul_association_follows_static_shapes(batch, expect_cubic):
 class FlowWithScale(nn.Module):
   """A user model holding a FlowMLP beside an ordinary parameter."""
 
-  @nn.compact
+  def setup(self):
+    self.flow = fr.FlowMLP(2)
+    self.scale = self.param("scale", nn.initializers.ones, ())
+
   def __call__(self, x):
-    return fr.FlowMLP(2, name="flow")(x) * self.param("scale", nn.initializers.ones, ())
+    return jnp.mean(jnp.square(self.flow(x) * self.scale)) - self.flow.kernel_log_abs_det()
 
 
 def test_flow_as_submodule_and_other_leaves_untouched():
   model = FlowWithScale()
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
   params = model.init(jax.random.PRNGKey(1), x)["params"]
-  perturbations = fr.zero_perturbations(model, params, x)
-
-  def loss_fn(params, perturbations):
-    z, state = model.apply({"params": params, "perturbations": perturbations}, x, mutable=["intermediates"])
-    return jnp.mean(jnp.square(z)), state["intermediates"]
-
-  (grads, deltas), intermediates = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(params, perturbations)
+  _, grads, extra = fr.value_and_relative_grad(model, FlowWithScale.__call__)(params, x)
   tx = fr.relative_jacobian()
-  updates, _ = tx.update(grads, tx.init(params), params, intermediates=intermediates, perturbations=deltas)
+  updates, _ = tx.update(grads, tx.init(params), params, **extra)
   assert updates["scale"] is grads["scale"]
   assert not np.allclose(updates["flow"]["layers_0"]["kernel"], grads["flow"]["layers_0"]["kernel"])
 
@@ -136,16 +107,31 @@ def test_missing_extra_args_raise():
     tx.update({}, tx.init({}), {})
 
 
-def test_init_perturbations_of_another_batch_size_raise():
+def test_init_returns_params_only():
+  """No bookkeeping collections come out of init, so none can be reused for another batch."""
+  assert set(fr.FlowMLP(2).init(jax.random.PRNGKey(0), jnp.ones((1, 3)))) == {"params"}
+
+
+def test_extra_args_of_another_batch_raise():
   model = fr.FlowMLP(2)
   x = jnp.ones((5, 3))
-  variables = model.init(jax.random.PRNGKey(0), x[:1])
-  params = variables["params"]
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
   _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
+  _, _, other = fr.value_and_relative_grad_args(model, params, x[:2])
   tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match=r"layer 'layers_0' has pre-activation \(5, 3\) and δ \(1, 3\)"):
+  with pytest.raises(ValueError, match=r"layer 'layers_0' \(call 1\) has pre-activation \(5, 3\) and δ \(2, 3\)"):
     tx.update(grads, tx.init(params), params, intermediates=extra["intermediates"],
-              perturbations=variables["perturbations"])
+              perturbations=other["perturbations"])
+
+
+@pytest.mark.parametrize("extra", [{"intermediates": {}, "perturbations": {}},
+                                   {"intermediates": {"a": 1}, "perturbations": {"b": {"c": 2}}}])
+def test_empty_or_foreign_extra_args_raise(extra):
+  model = fr.FlowMLP(2)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+  tx = fr.relative_jacobian()
+  with pytest.raises(ValueError, match="the extra args name no flow layer"):
+    tx.update(params, tx.init(params), params, **extra)
 
 
 def test_non_square_kernel_raises_naming_the_layer():
@@ -156,7 +142,7 @@ def test_non_square_kernel_raises_naming_the_layer():
   bad = jax.tree_util.tree_map(lambda p: p, params)
   bad["layers_1"]["kernel"] = jnp.ones((3, 4))
   tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match=r"layer 'layers_1' has a non-square kernel of shape \(3, 4\)"):
+  with pytest.raises(ValueError, match=r"layer 'layers_1' has a kernel of shape \(3, 4\); the relative gradient needs square"):
     tx.update(grads, tx.init(params), bad, **extra)
 
 
@@ -166,17 +152,86 @@ def test_mismatched_structures_raise_naming_the_layer():
   params = model.init(jax.random.PRNGKey(0), x)["params"]
   _, grads, extra = fr.value_and_relative_grad_args(model, params, x)
   tx = fr.relative_jacobian()
-  with pytest.raises(ValueError, match="layer 'layers_1' has a perturbation but params hold no kernel"):
+  with pytest.raises(ValueError, match="layer 'layers_1' is in the extra args but params hold no kernel"):
     tx.update(grads, tx.init(params), {"layers_0": params["layers_0"]}, **extra)
   intermediates = {"layers_0": extra["intermediates"]["layers_0"]}
-  with pytest.raises(ValueError, match="layer 'layers_1' has a perturbation but no sown pre-activation"):
+  with pytest.raises(ValueError, match="layer 'layers_1' has a log-det gradient but no sown pre-activation"):
     tx.update(grads, tx.init(params), params, intermediates=intermediates, perturbations=extra["perturbations"])
+  without_log_det = {name: {fr.PREACTIVATION: layer[fr.PREACTIVATION]} for name, layer in extra["perturbations"].items()}
+  with pytest.raises(ValueError, match="layer 'layers_0' has no log\\|det W\\| gradient"):
+    tx.update(grads, tx.init(params), params, intermediates=extra["intermediates"], perturbations=without_log_det)
   with pytest.raises(ValueError, match="gradients have no leaf at"):
     tx.update({"layers_0": grads["layers_0"]}, tx.init(params), params, **extra)
 
 
-def test_training_batch_must_be_two_dimensional():
+class ContextInsideTheLayer(fr.FlowDense):
+  """The trap: a home-made layer whose sown pre-activation holds a context term b(c)."""
+
+  @nn.compact
+  def __call__(self, z, c):
+    kernel = self.param("kernel", nn.initializers.orthogonal(), (z.shape[-1],) * 2)
+    return self._track_preactivation(z @ kernel + nn.Dense(z.shape[-1])(c))
+
+
+def test_layer_that_breaks_the_sowing_contract_is_refused():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, c):
+      layer = ContextInsideTheLayer(name="custom")
+      return -jnp.mean(fr.standard_normal_log_prob(layer(x, c)) + layer.log_abs_det())
+
+  model, x, c = Model(), jnp.ones((4, 3)), jnp.ones((4, 2))
+  params = model.init(jax.random.PRNGKey(0), x, c)["params"]
+  _, grads, extra = fr.value_and_relative_grad(model, Model.__call__)(params, x, c)
+  tx = fr.relative_jacobian()
+  with pytest.raises(ValueError, match=r"flow layer 'custom' has params \['Dense_0'\] beside kernel and bias"):
+    tx.update(grads, tx.init(params), params, **extra)
+
+
+def test_loss_without_the_log_det_is_refused_unless_allowed():
+  model = fr.FlowMLP(2)
+  x = jnp.ones((4, 3))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  partial = lambda m, x: -jnp.mean(fr.standard_normal_log_prob(m(x)))
+  with pytest.raises(ValueError, match="applies flow layer 'layers_0' but never uses its log\\|det W\\|"):
+    fr.value_and_relative_grad(model, partial)(params, x)
+  _, grads, extra = fr.value_and_relative_grad(model, partial, require_log_det=False)(params, x)
+  tx = fr.relative_jacobian()
+  tx.update(grads, tx.init(params), params, **extra)  # λ = 0: the relative gradient of that loss
+
+
+def test_loss_without_flow_layers_and_non_scalar_loss_raise():
+  model = nn.Dense(3)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((2, 3)))["params"]
+  with pytest.raises(ValueError, match="the loss applies no flow layer"):
+    fr.value_and_relative_grad(model, lambda m, x: m(x).sum())(params, jnp.ones((2, 3)))
+  flow = fr.FlowMLP(2)
+  params = flow.init(jax.random.PRNGKey(0), jnp.ones((2, 3)))["params"]
+  with pytest.raises(ValueError, match=r"must return a scalar loss, got shape \(2,\)"):
+    fr.value_and_relative_grad(flow, "log_prob")(params, jnp.ones((2, 3)))
+
+
+def test_vmap_without_collection_axes_is_refused_naming_the_cause():
+  ensemble = nn.vmap(fr.FlowMLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=None, axis_size=2, methods=["log_prob"])(2)
+  x = jnp.ones((4, 3))
+  params = ensemble.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
+  with pytest.raises(ValueError, match="inside nn.vmap or nn.scan, list 'intermediates' and 'perturbations'"):
+    fr.value_and_relative_grad(ensemble, lambda m, x: -m.log_prob(x).mean())(params, x)
+
+
+def test_bad_batches_raise():
   model = fr.FlowMLP(2)
   params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
   with pytest.raises(ValueError, match=r"batch of shape \(B, D\), got \(2, 2, 2\)"):
     fr.value_and_relative_grad_args(model, params, jnp.ones((2, 2, 2)))
+  with pytest.raises(ValueError, match=r"empty batch \(0, 4\)"):
+    fr.value_and_relative_grad_args(model, params, jnp.ones((0, 4)))
+  with pytest.raises(ValueError, match=r"flow layer 'layers_0' was applied to an empty batch"):
+    fr.value_and_relative_grad(model, lambda m, x: -m.log_prob(x).sum())(params, jnp.ones((0, 4)))
+  conditional = fr.ConditionalFlowMLP(2)
+  params = conditional.init(jax.random.PRNGKey(0), jnp.ones((3, 4)), jnp.ones((3, 2)))["params"]
+  with pytest.raises(ValueError, match=r"context of shape \(5, 'C'\).*got \(3, 2\)"):
+    fr.value_and_relative_grad_args(conditional, params, jnp.ones((5, 4)), jnp.ones((3, 2)))
+  with pytest.raises(ValueError, match="has no log_prob method"):
+    fr.value_and_relative_grad_args(nn.Dense(4), params, jnp.ones((5, 4)))
