@@ -217,7 +217,7 @@ def value_and_relative_grad_args(
 
 
 def value_and_exact_grad(model: nn.Module, params: PyTree, x: jax.Array, *args: Any) -> tuple[jax.Array, PyTree]:
-  """Batch-mean exact NLL −log p(x | *args) and its Euclidean gradient, autodiff through
+  """Batch-mean exact NLL −log p(x | `*args`) and its Euclidean gradient, autodiff through
   `slogdet` (O(D³) per layer)."""
   _check_flow_batch(model, x)
   return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=_nll))(params)

@@ -14,7 +14,7 @@ from flax_relgrad.transform import RelativeJacobianState
 
 class TrainState(train_state.TrainState):
   """`flax.training.train_state.TrainState` whose `apply_gradients` reaches `tx.update`'s
-  extra args, so that `relative_jacobian()` gets what it needs:
+  extra args, so that `relative_jacobian()` gets what it needs::
 
       loss, grads, extra = grad_fn(state.params, x)
       state = state.apply_gradients(grads=grads, **extra)
