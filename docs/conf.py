@@ -7,10 +7,13 @@ Build (offline, warnings are errors):
 
 import dataclasses
 import glob
+import inspect
 import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))  # The checkout's flax_relgrad, installed or not.
+
+from sphinx.pycode import ModuleAnalyzer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import flax_relgrad  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -72,6 +75,34 @@ def _drop_missing_method_page(app, docname, source):
     source[0] = source[0].replace("\nmethod*\n", "\n")
 
 
+def _constant_doc(name: str) -> str:
+  """The attribute docstring of flax_relgrad's constant `name`, from the submodule defining it."""
+  for module in sorted(m for m in sys.modules if m.startswith("flax_relgrad.")):
+    docs = ModuleAnalyzer.for_module(module).find_attr_docs()
+    if ("", name) in docs:
+      return "\n   ".join(docs[("", name)]).strip()
+  raise ValueError(f"flax_relgrad.{name} has no docstring in any flax_relgrad module")
+
+
+def _public_names(app, docname, source):
+  """Fills reference.md from `flax_relgrad.__all__`: a table of the classes and functions
+  (documented by `automodule`), and the constants, which `automodule` leaves out when they are
+  imported and whose docstrings sit after their definition in a submodule."""
+  del app
+  if docname != "reference":
+    return
+  is_constant = lambda obj: not (inspect.isclass(obj) or callable(obj))
+  names = [n for n in flax_relgrad.__all__ if not is_constant(getattr(flax_relgrad, n))]
+  constants = [n for n in flax_relgrad.__all__ if is_constant(getattr(flax_relgrad, n))]
+  source[0] = source[0].replace("@PUBLIC_NAMES@", "\n   ".join(names))
+  source[0] = source[0].replace("@PUBLIC_CONSTANTS@", "\n".join(
+      f".. data:: {name}\n   :value: {getattr(flax_relgrad, name)!r}\n\n"
+      f"   {_constant_doc(name)}\n"
+      for name in constants
+  ))
+
+
 def setup(app):
   app.connect("autodoc-skip-member", _skip_dataclass_fields)
   app.connect("source-read", _drop_missing_method_page)
+  app.connect("source-read", _public_names)
