@@ -1,9 +1,7 @@
 """fr.TrainState forwards extra args to the optimizer, and refuses an optimizer without the
 relative transform."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
