@@ -201,6 +201,6 @@ def nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
 
 
 def value_and_exact_grad(model: nn.Module, params: PyTree, x: jax.Array, *args: Any) -> tuple[jax.Array, PyTree]:
-  """Batch-mean exact NLL −log p(x | *args) and its Euclidean gradient, autodiff through
+  """Batch-mean exact NLL −log p(x | `*args`) and its Euclidean gradient, autodiff through
   `slogdet` (O(D³) per layer)."""
   return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=nll))(params)

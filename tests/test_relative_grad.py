@@ -17,6 +17,7 @@ import pytest
 
 import flax_relgrad as fr
 from conftest import brute_force_relative_gradient
+from conftest import enable_x64
 from conftest import perturb_params
 
 F64 = jnp.float64
@@ -237,7 +238,7 @@ def test_has_aux_rngs_kwargs_and_layer_called_twice(float64):
 
 def test_jit_any_batch_size_and_init_batch_irrelevant():
   model = FlowWithLearnedBase()
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3), F64), method="log_prob")["params"]
     grad_fn = jax.jit(fr.value_and_relative_grad(model, mean_nll))
     for batch in (1, 4, 33):

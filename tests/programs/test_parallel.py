@@ -23,7 +23,7 @@ from experiments.training import steps
 
 NUM_EXAMPLES = 16
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parallel_config():

@@ -13,7 +13,7 @@ from experiments.mnist.configs import default
 from experiments.training import data
 from experiments.training import images
 
-MNIST_FILES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
+MNIST_FILES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "mnist")
 LAM = 1e-6
 
 

@@ -12,7 +12,7 @@ from experiments.toy.configs import default as toy_default
 from experiments.training import loop
 from experiments.training import workdir_lock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 HOLD_LOCK = """
 import sys, time

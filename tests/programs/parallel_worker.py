@@ -1,6 +1,6 @@
 """Runs the training program on mock data in a fresh process with N virtual CPU devices.
 
-    python tests/parallel_worker.py WORKDIR NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python tests/programs/parallel_worker.py WORKDIR NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 Prints one JSON line: the device and process counts and the shardings of a train chunk and
 of an evaluation batch.

@@ -14,7 +14,7 @@ from experiments.training import evaluation
 from experiments.training import loop
 from experiments.training import sources
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # test_mnist.py runs the MNIST default end to end, through test.py (the default, smaller).
 RUN_END_TO_END_ELSEWHERE = {"experiments.mnist.configs.default", "experiments.mnist.configs.test"}
 CONFIG_MODULES = sorted(
