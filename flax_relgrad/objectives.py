@@ -190,8 +190,9 @@ def _check_scalar_loss(loss: Any) -> None:
 
 
 def nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
-  """The loss −mean log p(x | *args) of a module with `log_prob` (`FlowMLP`,
-  `ConditionalFlowMLP` with its context as `args`), averaged over every leading axis of x."""
+  """The loss −mean log p(x | context) of a module with `log_prob` (`FlowMLP`, or
+  `ConditionalFlowMLP` with the context as the further argument), averaged over every leading
+  axis of x."""
   if not hasattr(module, "log_prob"):
     raise ValueError(
         f"{type(module).__name__} has no log_prob method; write the loss of your model as "

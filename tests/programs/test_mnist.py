@@ -257,7 +257,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_older_one(finished_run, tmp_
 
 def test_readme_load_run_example_on_a_finished_run(finished_run, tmp_path, monkeypatch, capsys):
   """The README's notebook snippet, run as written against a mock-data run at runs/mnist."""
-  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
   (example,) = [e for e in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "load_run(" in e]
   _, workdir, metrics = finished_run
   os.makedirs(tmp_path / "runs")
