@@ -3,8 +3,10 @@
 from flax_relgrad.activations import Activation, SmoothLeakyReLU
 from flax_relgrad.conditional import ConditionalFlowMLP, ModulationHead
 from flax_relgrad.flow import (
+    BASES,
     LOG_ABS_DET,
     PREACTIVATION,
+    DiagonalGaussian,
     FlowDense,
     FlowMLP,
     kernel_log_abs_det,
@@ -21,7 +23,9 @@ from flax_relgrad.transform import RelativeJacobianState, relative_jacobian, rel
 
 __all__ = [
     "Activation",
+    "BASES",
     "ConditionalFlowMLP",
+    "DiagonalGaussian",
     "FlowDense",
     "FlowMLP",
     "LOG_ABS_DET",

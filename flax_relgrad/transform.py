@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -137,8 +136,14 @@ def relative_jacobian() -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _flat(tree: PyTree) -> dict[Path, Any]:
-  return {tuple(map(str, path)): leaf for path, leaf in flax.traverse_util.flatten_dict(tree).items()}
+def _flat(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
+  """{path with str keys: leaf} of nested mappings (dicts, FrozenDicts, `nnx.State`); tuples
+  (one pre-activation per call) are leaves."""
+  flat = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    flat.update(_flat(value, path) if isinstance(value, Mapping) else {path: value})
+  return flat
 
 
 def _relative_updates(params: PyTree, intermediates: PyTree, perturbations: PyTree) -> dict[Path, jax.Array]:
