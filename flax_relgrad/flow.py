@@ -207,10 +207,10 @@ def check_vectors(x: jax.Array, name: str = "inputs", width: int | None = None) 
 
 def sample_shape_tuple(sample_shape: int | Sequence[int]) -> tuple[int, ...]:
   """`sample_shape` as a tuple: 8 → (8,), (2, 5) → (2, 5), () → ()."""
-  shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
-  if not all(isinstance(n, int) and n >= 0 for n in shape):
+  shape = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+  if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
     raise ValueError(f"sample_shape must be an int or a tuple of ints >= 0, got {sample_shape!r}.")
-  return shape
+  return tuple(shape)
 
 
 Modulation = tuple[jax.Array, jax.Array]
