@@ -147,3 +147,12 @@ def test_gradients_through_sampling_match_finite_differences(float64):
   errors += directional_check(conditional_loss, conditional_params, 10)
   print(f"gradients through sampling vs finite differences: max relative error {max(errors):.1e}")
   assert max(errors) < 1e-6
+
+
+def test_reverse_kl_program_runs(tmp_path):
+  from experiments.toy import reverse_kl  # pylint: disable=g-import-not-at-top
+  model, params = reverse_kl.train(steps=20, batch_size=64, seed=0)
+  kl, two_se = reverse_kl.reverse_kl(model, params, jax.random.PRNGKey(1), 1000)
+  assert np.isfinite(kl) and kl > -3 * two_se
+  reverse_kl.draw(model, params, str(tmp_path / "reverse_kl.png"), grid_size=20)
+  assert (tmp_path / "reverse_kl.png").stat().st_size > 0
