@@ -7,7 +7,8 @@ import pytest
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
-EXPECTED_OUTPUT = ["mean log p(x) = ", "exact NLL ", "mean log p(x | c) = ", "bits/dim"]
+EXPECTED_OUTPUT = ["mean log p(x) = ", "exact NLL ", "mean log p(x | c) = ", "bits/dim", "reverse KL(q ‖ p) ≈ ",
+                   "samples (2, 5, 8)"]
 
 
 def test_every_example_is_checked():

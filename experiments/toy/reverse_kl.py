@@ -86,7 +86,8 @@ def train(steps: int, batch_size: int, seed: int):
 
 def reverse_kl(model: fr.FlowMLP, params, rng: jax.Array, num_samples: int) -> tuple[float, float]:
   """KL(q ‖ p) estimated on fresh samples, and 2 standard errors."""
-  x, log_q = model.apply({"params": params}, rng, num_samples, method="sample_and_log_prob")
+  sample = jax.jit(lambda p, rng: model.apply({"params": p}, rng, num_samples, method="sample_and_log_prob"))
+  x, log_q = sample(params, rng)
   terms = np.asarray(log_q - log_target(x), np.float64) + LOG_Z
   return float(terms.mean()), float(2 * terms.std(ddof=1) / math.sqrt(num_samples))
 
@@ -97,7 +98,8 @@ def draw(model: fr.FlowMLP, params, path: str, grid_size: int = 200) -> None:
   axes_values = np.linspace(x0, x1, grid_size, dtype=np.float32), np.linspace(y0, y1, grid_size, dtype=np.float32)
   grid = np.stack(np.meshgrid(*axes_values), axis=-1).reshape(-1, 2)
   learned = np.asarray(jax.jit(lambda g: model.apply({"params": params}, g, method="log_prob"))(grid))
-  samples = np.asarray(model.apply({"params": params}, jax.random.PRNGKey(7), 2000, method="sample"))
+  sample = jax.jit(lambda p, rng: model.apply({"params": p}, rng, 2000, method="sample"))
+  samples = np.asarray(sample(params, jax.random.PRNGKey(7)))
   figure = mpl_figure.Figure(figsize=(12, 4))
   canvas = backend_agg.FigureCanvasAgg(figure)
   panels = [("target p(x) = p̃(x) / 4π", np.asarray(log_target(grid)) - LOG_Z), ("learned q(x)", learned)]
