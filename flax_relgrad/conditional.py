@@ -142,18 +142,25 @@ class ConditionalFlowMLP(nn.Module):
   def sample(self, rng: jax.Array, c: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:
     """Draws x ~ p(x | c): shape sample_shape + c.shape[:-1] + (D,) (one per context row
     for the default sample_shape=())."""
-    return self.sample_and_log_prob(rng, c, sample_shape)[0]
+    z, c, _ = self._base_sample(rng, c, sample_shape)
+    return self.inverse(z, c)
 
   def sample_and_log_prob(
       self, rng: jax.Array, c: jax.Array, sample_shape: int | Sequence[int] = ()
   ) -> tuple[jax.Array, jax.Array]:
     """Draws x (sample_shape + c.shape[:-1] + (D,)) and their exact log p(x | c)."""
+    z, c, base = self._base_sample(rng, c, sample_shape)
+    x, log_det = self.inverse_and_log_det(z, c)
+    return x, gaussian_log_prob(z, base) - log_det
+
+  def _base_sample(
+      self, rng: jax.Array, c: jax.Array, sample_shape: int | Sequence[int]
+  ) -> tuple[jax.Array, jax.Array, GaussianParams]:
+    """Base draws z, the context broadcast to their leading shape, and the base's params."""
     kernel = self.layers[0].get_variable("params", "kernel")
     c = jnp.broadcast_to(c, sample_shape_tuple(sample_shape) + c.shape)
     base = self._base_params(kernel.shape[-1])
-    z = gaussian_sample(rng, c.shape[:-1] + kernel.shape[-1:], kernel.dtype, base)
-    x, log_det = self.inverse_and_log_det(z, c)
-    return x, gaussian_log_prob(z, base) - log_det
+    return gaussian_sample(rng, c.shape[:-1] + kernel.shape[-1:], kernel.dtype, base), c, base
 
   def _kernel_log_abs_det(self) -> jax.Array:
     return sum(layer.log_abs_det() for layer in self.layers)

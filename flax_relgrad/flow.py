@@ -7,6 +7,8 @@ Row-vector convention (docs/method.md §1). For inputs x of shape (..., D):
 
     log p(x) = Σ_i log N(z_L,i; 0, 1) + Σ_{k<L} Σ_i log σ'(y_k,i) + Σ_k log|det W_k|.
 
+with N(0, 1) the default base; `base="diagonal_gaussian"` learns N(loc_i, exp(log_scale_i)²).
+
 Relative-gradient bookkeeping. `FlowDense` is the only place where it happens, and it is
 invisible in a plain `model.apply`. Inside :func:`flax_relgrad.value_and_relative_grad`
 every call of a flow layer

@@ -36,14 +36,14 @@ def jitted(model, params):
 
 def flow(dtype=jnp.float32, seed=0):
   model = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=dtype, base="diagonal_gaussian")
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype))["params"]
   return model, perturb_params(params, seed + 1, 0.2)
 
 
 def conditional(dtype=jnp.float32, seed=0):
   conditioner = nn.Sequential([nn.Dense(5, param_dtype=dtype), nn.tanh])
   model = fr.ConditionalFlowMLP(2, conditioner, fr.SmoothLeakyReLU(0.2), param_dtype=dtype, base="diagonal_gaussian")
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype), jnp.zeros((1, 2), dtype))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype), jnp.zeros((1, 2), dtype))["params"]
   return model, perturb_params(params, seed + 1, 0.2)
 
 
@@ -51,16 +51,17 @@ def test_sample_shapes_and_log_prob_of_samples():
   """float32: log p returned by sample_and_log_prob equals log_prob of the samples."""
   model, params = flow()
   apply = jitted(model, params)
+  shape = lambda method, *args: jax.eval_shape(lambda: model.apply({"params": params}, *args, method=method)).shape
   rng = jax.random.PRNGKey(2)
-  assert apply("sample", rng).shape == (D,)
-  assert apply("sample", rng, 8).shape == (8, D)
+  assert shape("sample", rng) == (D,)
+  assert shape("sample", rng, 8) == (8, D)
   x, log_p = apply("sample_and_log_prob", rng, (2, 5))
   assert x.shape == (2, 5, D) and log_p.shape == (2, 5)
   np.testing.assert_allclose(log_p, apply("log_prob", x), rtol=1e-6)
   model, params = conditional()
   c = jax.random.normal(jax.random.PRNGKey(3), (4, 2))
   apply = jitted(model, params)
-  assert apply("sample", rng, c).shape == (4, D)
+  assert shape("sample", rng, c) == (4, D)
   x, log_p = apply("sample_and_log_prob", rng, c, 3)
   assert x.shape == (3, 4, D) and log_p.shape == (3, 4)
   np.testing.assert_allclose(log_p, apply("log_prob", x, jnp.broadcast_to(c, (3, 4, 2))), rtol=1e-6)
@@ -110,6 +111,9 @@ def test_input_errors():
     apply("log_prob", jnp.ones((0, 3)))
   with pytest.raises(ValueError, match="sample_shape must be an int or a tuple"):
     apply("sample", jax.random.PRNGKey(0), 2.5)
+  with pytest.raises(ValueError, match="inverse/sample inside"):
+    fr.value_and_relative_grad(model, lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean())(
+        params, jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="base must be one of"):
     fr.FlowMLP(base="laplace").init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
   model, params = conditional()
