@@ -2,6 +2,7 @@
 
 from flax_relgrad.activations import Activation, SmoothLeakyReLU
 from flax_relgrad.conditional import ConditionalFlowMLP, ModulationHead
+from flax_relgrad.fit import FitResult, fit, relative_update
 from flax_relgrad.flow import (
     BASES,
     LOG_ABS_DET,
@@ -26,6 +27,7 @@ __all__ = [
     "BASES",
     "ConditionalFlowMLP",
     "DiagonalGaussian",
+    "FitResult",
     "FlowDense",
     "FlowMLP",
     "LOG_ABS_DET",
@@ -34,10 +36,12 @@ __all__ = [
     "RelativeJacobianState",
     "SmoothLeakyReLU",
     "TrainState",
+    "fit",
     "kernel_log_abs_det",
     "near_identity",
     "relative_jacobian",
     "relative_layer_update",
+    "relative_update",
     "standard_normal_log_prob",
     "value_and_exact_grad",
     "value_and_relative_grad",

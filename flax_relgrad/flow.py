@@ -159,12 +159,6 @@ class FlowDense(nn.Module):
 
   def inverse(self, y: jax.Array) -> jax.Array:
     """z = (y − b) W⁻¹ for y (..., D), with one LU factorisation of W per call."""
-    if self.is_mutable_collection(PERTURBATIONS) and not self.is_initializing():
-      raise ValueError(
-          f"FlowDense '{'/'.join(self.path)}': inverse/sample inside "
-          "flax_relgrad.value_and_relative_grad. The relative gradient needs the loss to apply "
-          "flow layers forward (log_prob); differentiate a loss through sampling with jax.grad."
-      )
     bias = self.get_variable("params", "bias") if self.use_bias else None
     return dense_inverse(self.get_variable("params", "kernel"), bias, y)
 

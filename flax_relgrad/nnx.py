@@ -186,9 +186,10 @@ class FlowDense(nnx.Module):
     """z = (y − b) W⁻¹ for y (..., D), with one LU factorisation of W per call."""
     if _ACTIVE.get() is not None:
       raise ValueError(
-          "flax_relgrad.nnx: inverse/sample inside value_and_relative_grad. The relative gradient "
-          "needs the loss to apply flow layers forward (log_prob); differentiate a loss through "
-          "sampling with nnx.grad."
+          "flax_relgrad.nnx.value_and_relative_grad: the loss runs a flow layer backwards (inverse "
+          "or sample). The relative gradient covers a loss that depends on a layer through its "
+          "output and its log|det W| only; for sampling-based losses (reverse KL, variational "
+          "inference) use nnx.value_and_grad."
       )
     return dense_inverse(self.kernel[...], None if self.bias is None else self.bias[...], y)
 

@@ -49,11 +49,12 @@ def value_and_relative_grad(
   `model.apply({"params": params}, *args, method=loss_fn, rngs=rngs, **kwargs)`, with
 
   - `value`: the loss, or `(loss, aux)` with `has_aux=True`. **Unless `exact_loss`, every
-    flow layer's log|det W| enters it as 0**: the loss is then not the NLL (add
-    Σ_k λ_k log|det W_k| — see `exact_loss` — or evaluate `log_prob` when you report);
+    flow layer's log|det W| enters it — and aux — as 0**: the loss is then not the NLL
+    (evaluate `log_prob` in a plain `apply` when you report, or pass `exact_loss=True`);
   - `grads`: gradients with the structure of params. Those of flow kernels and biases are
-    placeholders that `relative_jacobian()` replaces; every other leaf is the exact
-    gradient of the loss;
+    placeholders that `relative_jacobian()` replaces, so pass them to the optimizer
+    untouched: scale, average (`pmean`) or accumulate the *updates* after
+    `relative_jacobian()`, never these grads. Every other leaf is the exact gradient;
   - `extra`: `{"intermediates", "perturbations"}`, to pass as
     `tx.update(grads, opt_state, params, **extra)` (or `TrainState.apply_gradients(grads=
     grads, **extra)`): each flow layer's pre-activations y, δ = ∂loss/∂y, and
@@ -70,8 +71,10 @@ def value_and_relative_grad(
     has_aux: whether `loss_fn` returns (loss, aux).
     exact_loss: compute each flow layer's log|det W| by `slogdet` (forward only, O(D³)), so
       that the returned loss is exact. Needed for exactness when the loss is not affine in
-      the log-likelihoods (a mixture of flows, a log-mean-exp): there δ and λ depend on the
-      log-det values. A batch mean or sum of log-likelihoods does not need it.
+      the log-likelihoods with constant coefficients — a mixture of flows, a log-mean-exp, the
+      cross-entropy of a generative classifier, learned weights or gates on log p: there
+      the gradients depend on the log-det values. A batch mean or sum of log-likelihoods,
+      constant weights and masks do not need it.
     require_log_det: refuse a loss that applies a flow layer but never uses its
       log|det W| (a likelihood without it is wrong); pass False for a loss that truly does
       not contain it.
@@ -90,8 +93,16 @@ def value_and_relative_grad(
     applied_layers = set()
 
     def record_flow_layers(next_fun, args, kwargs, context):
-      if isinstance(context.module, FlowDense) and context.method_name == "__call__":
-        applied_layers.add(tuple(context.module.path))
+      if isinstance(context.module, FlowDense):
+        if context.method_name == "__call__":
+          applied_layers.add(tuple(context.module.path))
+        elif context.method_name == "inverse":
+          raise ValueError(
+              f"value_and_relative_grad: the loss runs flow layer '{'/'.join(context.module.path)}'"
+              " backwards (inverse or sample). The relative gradient covers a loss that depends on "
+              "a layer through its output and its log|det W| only; for sampling-based losses "
+              "(reverse KL, variational inference) use jax.value_and_grad."
+          )
       return next_fun(*args, **kwargs)
 
     def discover(params):
@@ -105,7 +116,7 @@ def value_and_relative_grad(
       output, state = apply(params, perturbations, [INTERMEDIATES])
       loss, aux = output if has_aux else (output, None)
       _check_scalar_loss(loss)
-      return loss, (aux, _preactivations(state[INTERMEDIATES]))
+      return loss, (aux, _preactivations(state.get(INTERMEDIATES, {})))
 
     (loss, (aux, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
         loss_and_state, argnums=(0, 1), has_aux=True
@@ -179,7 +190,8 @@ def _check_scalar_loss(loss: Any) -> None:
     )
 
 
-def _nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
+def nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
+  """The batch-mean negative log-likelihood −mean log p(x | *args) of a module with `log_prob`."""
   return -jnp.mean(module.log_prob(x, *args))
 
 
@@ -199,25 +211,25 @@ def _check_flow_batch(model: nn.Module, x: jax.Array) -> None:
 
 
 def value_and_relative_grad_args(
-    model: nn.Module, params: PyTree, x: jax.Array, *args: Any
+    model: nn.Module, params: PyTree, x: jax.Array, *args: Any, rngs: Any = None
 ) -> tuple[jax.Array, PyTree, dict[str, PyTree]]:
   """Loss, gradients and extra args for `relative_jacobian()`, for a batch x (B, D).
 
   The loss is the batch mean of −log p(x | *args) under `model.log_prob` (`FlowMLP`,
   `ConditionalFlowMLP` with its context as `args`) **without** the kernels'
-  −Σ_k log|det W_k|, which `relative_jacobian` accounts for: it is not the NLL; add
-  `model.apply({"params": params}, method=FlowMLP.kernel_log_abs_det)` when you report.
-  Built on :func:`value_and_relative_grad`.
+  −Σ_k log|det W_k|, which `relative_jacobian` accounts for: it is not the NLL, which is
+  loss − Σ_k log|det W_k| (or −mean `log_prob` in a plain `apply`). Built on
+  :func:`value_and_relative_grad`; `rngs` go to `apply` (e.g. a dropout conditioner).
 
   Returns:
     (loss, grads, extra), to be used as `tx.update(grads, opt_state, params, **extra)`.
   """
   _check_flow_batch(model, x)
-  return value_and_relative_grad(model, _nll)(params, x, *args)
+  return value_and_relative_grad(model, nll)(params, x, *args, rngs=rngs)
 
 
 def value_and_exact_grad(model: nn.Module, params: PyTree, x: jax.Array, *args: Any) -> tuple[jax.Array, PyTree]:
   """Batch-mean exact NLL −log p(x | *args) and its Euclidean gradient, autodiff through
   `slogdet` (O(D³) per layer)."""
   _check_flow_batch(model, x)
-  return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=_nll))(params)
+  return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=nll))(params)

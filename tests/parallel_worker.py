@@ -18,9 +18,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_parallel import NUM_EXAMPLES, parallel_config  # pylint: disable=g-import-not-at-top
 from experiments.training import loop
 from experiments.training import parallel
+from test_parallel import NUM_EXAMPLES  # pylint: disable=g-import-not-at-top
+from test_parallel import parallel_config  # pylint: disable=g-import-not-at-top
 
 
 def main():
@@ -30,7 +31,8 @@ def main():
   parallel.initialize_distributed(config)
   data_parallel = parallel.DataParallel.over_all_devices()
   rows = data_parallel.local_rows(config.batch_size)
-  local = {"examples": np.zeros((2, rows.stop - rows.start, 784), np.uint8), "batch_index": np.arange(2, dtype=np.int32)}
+  local = {"examples": np.zeros((2, rows.stop - rows.start, 784), np.uint8),
+           "batch_index": np.arange(2, dtype=np.int32)}
   chunk = data_parallel.put_chunk(local, config.batch_size)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     loop.train_and_evaluate(config, sys.argv[1])

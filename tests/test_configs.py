@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments.training import config as config_lib
 from experiments.training import data
+from experiments.training import evaluation
 from experiments.training import loop
+from experiments.training import sources
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # test_mnist.py runs the MNIST default end to end, through test.py (the default, smaller).
@@ -44,14 +47,12 @@ def test_every_experiment_has_configs():
 @pytest.mark.parametrize("module", CONFIG_MODULES)
 def test_shipped_config_builds_and_trains_a_few_steps(module, maf_release_dir, tmp_path):
   config = small(importlib.import_module(module).get_config(), maf_release_dir)
-  loop.validate_config(config)
+  config_lib.validate_config(config)
   with tfds.testing.mock_data(num_examples=16):
-    source = data.load_source(config)
-    run = loop._Run(config, str(tmp_path), source)  # pylint: disable=protected-access
-    put = lambda local_chunk: run.parallel.put_chunk(local_chunk, config.batch_size)
-    chunk = next(data.prefetch_to_device(data.train_chunks(source.splits, config, epoch=0), put))
-    validation_y = np.asarray(data.eval_array(source, source.splits.validation, config.seed, data.VALIDATION_NOISE))
+    run = loop.Run(config, str(tmp_path), sources.load_source(config))
+    chunk = next(data.device_chunks(run.splits, config, 0, run.parallel))
+    validation_y = run.validation_y()
   state = run.train_chunk(run.make_initial_state(), chunk, 0)
   assert int(state.step) == 2 and np.isfinite(float(state.loss_sum))
-  metrics = loop.evaluate(run.eval_step, state.params, validation_y, config.eval_batch_size)
+  metrics = evaluation.evaluate(run.eval_step, state.params, validation_y, config.eval_batch_size)
   assert np.isfinite(metrics["ll"])  # Pictures: drawn in the end-to-end tests of each source.

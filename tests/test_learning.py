@@ -9,10 +9,9 @@ reach the truth, and neither is reliably faster (measured; see the README).
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import flax_relgrad as fr
-
-import pytest
 
 WIDTH, BATCH, TOLERANCE_NATS_PER_DIM = 8, 64, 0.05
 

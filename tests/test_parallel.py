@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments.mnist.configs import test as test_config
 from experiments.training import checkpoints
 from experiments.training import loop
 from experiments.training import parallel
-from experiments.mnist.configs import test as test_config
+from experiments.training import steps
 
 NUM_EXAMPLES = 16
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
@@ -33,8 +34,8 @@ def parallel_config():
 
 def final_params(workdir):
   config = parallel_config()
-  model, tx = loop.create_model(config), loop.create_optimizer(config, total_steps=1)
-  abstract = loop.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
+  model, tx = steps.create_model(config), steps.create_optimizer(config, total_steps=1)
+  abstract = steps.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
   state = checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
   assert int(state.step) == 2 * NUM_EXAMPLES // config.batch_size
   return jax.tree_util.tree_leaves(state.params)

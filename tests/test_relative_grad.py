@@ -16,7 +16,8 @@ import optax
 import pytest
 
 import flax_relgrad as fr
-from conftest import brute_force_relative_gradient, perturb_params
+from conftest import brute_force_relative_gradient
+from conftest import perturb_params
 
 F64 = jnp.float64
 
@@ -169,7 +170,8 @@ def test_log_det_weight_comes_from_the_loss(float64):
   _, summed, _ = relative_updates(model, lambda m, x: -m.log_prob(x).sum(), params, x)
   for a, b in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(mean)):
     np.testing.assert_allclose(a, 6.0 * b, rtol=1e-12)
-  _, _, extra = relative_updates(SequenceFlow(), mean_nll, init(SequenceFlow(), normal(1, (2, 5, 4))), normal(1, (2, 5, 4)))
+  sequences = normal(1, (2, 5, 4))
+  _, _, extra = relative_updates(SequenceFlow(), mean_nll, init(SequenceFlow(), sequences), sequences)
   np.testing.assert_allclose(extra["perturbations"]["FlowMLP_0"]["layers_0"][fr.LOG_ABS_DET], -5.0)
 
 

@@ -9,7 +9,9 @@ import tensorflow as tf
 
 from experiments.toy.configs import default
 from experiments.training import data
+from experiments.training import evaluation
 from experiments.training import loop
+from experiments.training import sources
 from experiments.training import toy
 
 
@@ -34,10 +36,10 @@ def test_short_training_improves_held_out_likelihood(tmp_path):
   config = default.get_config()
   config.update(dataset="trimodal", num_train=20_000, num_validation=2000, num_test=2000,
                 num_layers=8, num_epochs=3, eval_every_epochs=1, warmup_steps=50, learning_rate=3e-3)
-  source = data.load_source(config)
-  run = loop._Run(config, str(tmp_path), source)  # pylint: disable=protected-access
+  source = sources.load_source(config)
+  run = loop.Run(config, str(tmp_path), source)
   test_y = np.asarray(data.eval_array(source, source.splits.test, config.seed, data.TEST_NOISE))
-  initial = loop.evaluate(run.eval_step, run.make_initial_state().params, test_y, config.eval_batch_size)
+  initial = evaluation.evaluate(run.eval_step, run.make_initial_state().params, test_y, config.eval_batch_size)
   trained = loop.train_and_evaluate(config, str(tmp_path))
   assert trained["ll"] > initial["ll"] + 3.0, (initial["ll"], trained["ll"])
   picture = toy.draw_panels(np.zeros((4, 2)), np.ones((3, 3)), np.zeros((4, 2)), (-1.0, 1.0))

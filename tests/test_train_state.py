@@ -1,9 +1,7 @@
 """fr.TrainState forwards extra args to the optimizer, and refuses an optimizer without the
 relative transform."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -36,3 +34,27 @@ def test_optimizer_without_relative_jacobian_is_refused():
   _, grads, extra = fr.value_and_relative_grad_args(model, state.params, x)
   with pytest.raises(ValueError, match="the optimizer has no relative_jacobian"):
     state.apply_gradients(grads=grads, **extra)
+
+
+@pytest.mark.parametrize("tx", [
+    optax.chain(optax.clip_by_global_norm(0.1), fr.relative_jacobian(), optax.sgd(1.0)),
+    optax.chain(optax.add_decayed_weights(1e-4), fr.relative_jacobian(), optax.adam(1e-3)),
+    optax.MultiSteps(optax.chain(fr.relative_jacobian(), optax.sgd(1.0)), every_k_schedule=2),
+], ids=["clip_first", "decay_first", "multisteps_around"])
+def test_relative_jacobian_not_first_is_refused(tx):
+  model, x, state = setup_state(tx)
+  _, grads, extra = fr.value_and_relative_grad_args(model, state.params, x)
+  with pytest.raises(ValueError, match="relative_jacobian\\(\\) is not the first transformation"):
+    state.apply_gradients(grads=grads, **extra)
+
+
+@pytest.mark.parametrize("tx", [
+    optax.inject_hyperparams(lambda learning_rate: optax.chain(fr.relative_jacobian(), optax.adam(learning_rate)))(
+        learning_rate=1e-3),
+    optax.apply_if_finite(optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.sgd(1e-2)), 3),
+    optax.chain(fr.relative_jacobian(), optax.MultiSteps(optax.sgd(1e-2), 2).gradient_transformation()),
+], ids=["inject_hyperparams", "apply_if_finite", "multisteps_after"])
+def test_relative_jacobian_first_inside_transparent_wrappers_is_accepted(tx):
+  model, x, state = setup_state(tx)
+  _, grads, extra = fr.value_and_relative_grad_args(model, state.params, x)
+  assert state.apply_gradients(grads=grads, **extra).step == 1

@@ -5,19 +5,12 @@
 
 Writes scaling.csv, scaling.md and scaling.png into --output_dir and prints the markdown table.
 
-OpenBLAS (which JAX's CPU LAPACK kernels, hence `slogdet`, call into) is limited to one thread
-unless OPENBLAS_NUM_THREADS is set: its spinning worker threads fight XLA's own thread pool for
-the cores, which made the naive step's slogdet up to ~100× slower at small D on a 2-core CPU
-(26 ms instead of 0.2 ms at D = 64) and never faster at D ≤ 2048.
+OpenBLAS is limited to one thread unless OPENBLAS_NUM_THREADS is set (by importing
+`experiments`, see its docstring), so that the naive step's `slogdet` is measured at its best.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Before JAX loads LAPACK; see above.
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import pathlib
 

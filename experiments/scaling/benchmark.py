@@ -3,7 +3,7 @@
 Methods, all with L square layers, SmoothLeakyReLU(α) between layers, float32, batch x (B, D):
 
 - ``relative``: `FlowMLP`, `value_and_relative_grad_args` + `relative_jacobian()` + Adam.
-  Exact maximum likelihood at O(B·D²) per layer (ENGINEERING.md §1).
+  Exact maximum likelihood at O(B·D²) per layer (docs/method.md, "Cost").
 - ``naive``: `FlowMLP`, `value_and_exact_grad` (autodiff through `slogdet`) + Adam. O(D³).
 - ``plain``: `FlowMLP` trained on −[Σ log N(z) + Σ log σ'(y)] only (no log|det W|), plain
   `jax.grad` + Adam: the backprop floor of a dense network of this shape.
@@ -36,13 +36,13 @@ import numpy as np
 import optax
 
 import flax_relgrad as fr
+from experiments.types import PyTree
 
-PyTree = Any
 StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree, jax.Array]]
 
 METHODS = ("relative", "naive", "plain", "lu")
 COST_EXPONENT = {"relative": 2, "naive": 3, "plain": 2, "lu": 2}
-"""Nominal k in cost ∝ D^k (ENGINEERING.md §1), used to predict whether a point exceeds the cap."""
+"""Nominal k in cost ∝ D^k (docs/method.md, "Cost"), used to predict whether a point exceeds the cap."""
 
 MEMORY_SOURCE = "compiled executable: argument + output + temp − aliased (donated) bytes"
 

@@ -23,10 +23,10 @@ import statistics
 import time
 from typing import Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 import flax_relgrad as fr
 import flax_relgrad.nnx as frn
@@ -67,7 +67,9 @@ def nnx_step(width: int, num_layers: int, alpha: float, learning_rate: float, x:
   return lambda: step(model, optimizer, x)
 
 
-def time_steps(steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int) -> dict[str, list[float]]:
+def time_steps(
+    steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int
+) -> dict[str, list[float]]:
   """Seconds per step of each repetition, the steps interleaved (order alternating)."""
   for run in steps.values():
     jax.block_until_ready(run())  # compile and warm up
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"D = {args.width}, B = {args.batch_size}, L = {args.num_layers}, {args.repetitions} repetitions × "
         f"{args.steps} steps, {jax.devices()[0].device_kind}")
   for name, values in times.items():
-    print(f"{name:6s} median {1e3 * medians[name]:8.3f} ms/step (min {1e3 * min(values):.3f}, max {1e3 * max(values):.3f})")
+    print(f"{name:6s} median {1e3 * medians[name]:8.3f} ms/step "
+          f"(min {1e3 * min(values):.3f}, max {1e3 * max(values):.3f})")
   print(f"ratio nnx / linen = {medians['nnx'] / medians['linen']:.3f}")
 
 

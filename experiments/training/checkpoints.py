@@ -8,14 +8,30 @@ so a later run with another model or dataset is refused instead of silently mixi
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
-from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from experiments.types import PyTree
+
+
+def _is_abandoned_read(record: std_logging.LogRecord) -> bool:
+  """Whether `record` is asyncio's report of a checkpoint read that a failed restore abandoned.
+
+  Orbax reads a checkpoint's arrays concurrently; when one read fails, its error is the one
+  reported (see `_restore`), and asyncio would log every other failed read as "Future/Task
+  exception was never retrieved" whenever it is garbage-collected, long after.
+  """
+  error = record.exc_info[1] if record.exc_info else None
+  return "exception was never retrieved" in record.getMessage() and "tensorstore_spec" in str(error)
+
+
+std_logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_read(record))
+
 MODEL_FIELDS = ("data_source", "dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam")
 """Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 
@@ -30,7 +46,8 @@ class RunCheckpoints:
     options = lambda keep: ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1)
     self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(2))
-    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1))
+    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1),
+                                      item_handlers=ocp.StandardCheckpointHandler())
 
   def save_latest(self, step: int, state: PyTree) -> None:
     self.latest.save(step, args=ocp.args.StandardSave(state))
@@ -40,15 +57,48 @@ class RunCheckpoints:
                    metrics={"validation_ll": validation_ll})
 
   def restore_latest(self, abstract_state: PyTree, at_most_step: int | None = None) -> PyTree | None:
-    """The newest train state (with step ≤ at_most_step if given), or None if there is none."""
-    steps = [step for step in self.latest.all_steps() if at_most_step is None or step <= at_most_step]
-    return _restore(self.latest, abstract_state, max(steps)) if steps else None
+    """The newest readable train state (with step ≤ at_most_step if given), or None if none is saved.
+
+    An unreadable checkpoint (corrupt files) is skipped with a warning that names its step; once
+    an older one is read, the unreadable newer ones are deleted (the resumed run saves those steps
+    again). ValueError if every candidate is unreadable (then nothing is deleted).
+    """
+    steps = sorted((step for step in self.latest.all_steps() if at_most_step is None or step <= at_most_step),
+                   reverse=True)
+    unreadable = []
+    for step in steps:
+      try:
+        state = _restore(self.latest, abstract_state, step)
+      except ValueError as error:
+        logging.warning("%s Trying the next older checkpoint.", error)
+        unreadable.append(step)
+        continue
+      for bad_step in unreadable:
+        self.latest.delete(bad_step)
+      if unreadable:
+        logging.warning("Resuming from step %d; deleted the unreadable checkpoints of steps %s.",
+                        step, unreadable)
+      return state
+    if unreadable:
+      raise ValueError(
+          f"None of the checkpoints in {self.latest.directory} (steps {unreadable}) can be restored; "
+          "see the warnings above for each. They are corrupt or were written by another model or "
+          "optimiser; delete them or use a fresh --workdir.")
+    return None
 
   def discard_latest_after(self, step: int) -> None:
     """Deletes the saved train states newer than `step` (they come from a diverged run)."""
     for saved_step in self.latest.all_steps():
       if saved_step > step:
         self.latest.delete(saved_step)
+
+  def best_params_shapes(self) -> tuple[int, PyTree]:
+    """(step, the best params' shapes as a tree of tuples), read from the checkpoint's metadata."""
+    step = self.best.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No best checkpoint in {self.best.directory}; train first with this --workdir.")
+    metadata = self.best.item_metadata(step)["params"]
+    return step, jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), metadata)
 
   def restore_best_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
     """(step, params) of the best checkpoint."""
@@ -61,8 +111,14 @@ class RunCheckpoints:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
+  def close(self) -> None:
+    """Waits for in-flight (atomic) saves and releases the managers' resources."""
+    self.latest.close()
+    self.best.close()
+
 
 def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyTree:
+  """The checkpoint of `step`, or ValueError saying that it cannot be read and why."""
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as error:  # Orbax raises several types for unreadable or mismatched data.

@@ -4,7 +4,7 @@ A `DataSource` holds three splits of flat raw records (D,) (see `Splits`) — ui
 pixels for images, float32 vectors for 2-D and tabular data — and says how a batch of raw
 records becomes model inputs y (B, D) on the device (`preprocess`), which per-example
 metrics besides the log-likelihood to report (`extra_metrics`), and what picture to draw
-at each evaluation (`make_picture`). `load_source(config)` picks the source named by
+at each evaluation (`make_picture`). `sources.load_source(config)` picks the source named by
 `config.data_source`.
 
 Shuffled raw batches, grouped into chunks of `steps_per_call` batches, stream to the devices
@@ -27,7 +27,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-PyTree = Any
+from experiments.training import parallel
+from experiments.types import PyTree
+
 Picture = Callable[[PyTree, jax.Array], np.ndarray]
 """(params, rng) → an RGB(A) or grey picture (H, W, C) with values in [0, 1]."""
 
@@ -168,18 +170,13 @@ def prefetch_to_device(
   yield from queue
 
 
-def load_source(config: ml_collections.ConfigDict) -> DataSource:
-  """The data source named by `config.data_source` ("images", "toy" or "tabular")."""
-  # Imported here: each source module pulls in only what its data needs.
-  # pylint: disable=g-import-not-at-top
-  if config.data_source == "images":
-    from experiments.training import images
-    return images.ImageSource(config)
-  if config.data_source == "toy":
-    from experiments.training import toy
-    return toy.ToySource(config)
-  if config.data_source == "tabular":
-    from experiments.training import tabular
-    return tabular.TabularSource(config)
-  raise ValueError(
-      f"config.data_source={config.data_source!r} is not one of ['images', 'tabular', 'toy'].")
+
+def device_chunks(splits: Splits, config: ml_collections.ConfigDict, epoch: int,
+                  data_parallel: parallel.DataParallel, skip_batches: int = 0) -> Iterator[dict[str, jax.Array]]:
+  """One epoch of training chunks (`train_chunks`) as global arrays on the devices.
+
+  This host reads only its rows of each global batch; the chunks are assembled over the
+  `data` mesh (`DataParallel.put_chunk`) two ahead of the consumer.
+  """
+  local_chunks = train_chunks(splits, config, epoch, skip_batches, data_parallel.local_rows(config.batch_size))
+  return prefetch_to_device(local_chunks, lambda chunk: data_parallel.put_chunk(chunk, config.batch_size))

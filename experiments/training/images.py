@@ -1,4 +1,4 @@
-"""tfds image datasets (MNIST, CIFAR-10, ...) as a `DataSource` (ENGINEERING.md §2).
+"""tfds image datasets (MNIST, CIFAR-10, ...) as a `DataSource` (docs/method.md, "Reporting units").
 
 Pixels p ∈ {0..255} become x = (p + u)/256 with u ~ U[0, 1), then y = logit(λ + (1−2λ)x),
 on the devices. With `config.flip_horizontal`, each training image is mirrored left–right
@@ -9,6 +9,7 @@ bits/dim of the pixels. The picture is a grid of model samples.
 from __future__ import annotations
 
 import math
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,8 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     ) from error
   if builder.is_prepared():
     return builder
-  if config.manual_dir:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir)
-    )
-  elif config.download:
-    builder.download_and_prepare()
+  if config.manual_dir or config.download:
+    _prepare(builder, config.manual_dir or None)
   else:
     raise data.DatasetNotFoundError(
         f"Dataset {config.dataset!r} is not prepared in data_dir {builder.data_dir!r}. "
@@ -45,6 +42,23 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         "is already prepared."
     )
   return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
+  """Prepares the dataset from `manual_dir` (or by downloading), extracting into a fresh folder.
+
+  tfds names an extracted file after the original file's name only, in one folder per
+  data_dir, and reuses what it finds there ("Reusing extraction of ..."): datasets whose
+  original files share names (MNIST-format datasets all have train-images-idx3-ubyte.gz, ...)
+  would be prepared from the first one's files. A temporary folder per preparation, named
+  after the dataset and version and deleted afterwards, rules that out.
+  """
+  extracted = builder.data_dir_root / "downloads" / "extracted"
+  extracted.mkdir(parents=True, exist_ok=True)
+  prefix = f"{builder.name}-{builder.version}-"
+  with tempfile.TemporaryDirectory(prefix=prefix, dir=extracted) as extract_dir:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, extract_dir=extract_dir))
 
 
 def load_splits(config: ml_collections.ConfigDict) -> data.Splits:
@@ -91,7 +105,7 @@ def logit_to_pixels(y: jax.Array, lam: float) -> jax.Array:
 
 
 def bits_per_dim(log_prob_logit: jax.Array, y: jax.Array, lam: float) -> jax.Array:
-  """Per-example bits/dim of the pixels from log p(y) in logit space (ENGINEERING.md §2).
+  """Per-example bits/dim of the pixels from log p(y) in logit space (docs/method.md, "Reporting units").
 
   log p(pixels) = log p(y) + D·log(1−2λ) − Σ_i log(s_i(1−s_i)) − D·log 256, s = sigmoid(y).
   """

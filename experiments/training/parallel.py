@@ -12,14 +12,17 @@ the per-host pieces. Several hosts: set `config.coordinator_address`, `num_proce
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import ml_collections
 import numpy as np
 
-PyTree = Any
+from experiments.types import PyTree
+
 DATA_AXIS = "data"
 
 

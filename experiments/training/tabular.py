@@ -5,13 +5,18 @@ Each loader reads the preprocessed files of the MAF authors' data release (Zenod
 splits and normalisation, so test log-likelihoods (nats, mean ± 2 SE) are comparable with the
 published tables:
 
-| dataset   | file(s) under data_dir                     | D  | cleaning, split, normalisation |
-|-----------|--------------------------------------------|----|--------------------------------|
-| power     | power/data.npy                             | 6  | shuffle (RandomState 42), drop columns 3 and 1, add uniform noise (0.001, 0.01, 1, 1, 1, 0 per column); last 10 % test, last 10 % of the rest validation; standardise by train+validation (ddof 0) |
-| gas       | gas/ethylene_CO.pickle (pandas DataFrame)  | 8  | drop Meth, Eth, Time; drop the first column correlated > 0.98 with another until none is; standardise by all rows (ddof 1); split as power |
-| hepmass   | hepmass/1000_train.csv, 1000_test.csv      | 21 | keep signal rows (label 1), drop the label (and the test file's last column); standardise by train (ddof 1), by position; drop features whose smallest value occurs > 5 times in train; last 10 % of train validation |
-| miniboone | miniboone/data.npy                         | 43 | split as power (no shuffle); standardise by train+validation (ddof 0) |
-| bsds300   | BSDS300/BSDS300.hdf5 (train, validation, test) | 63 | as stored |
+- power (power/data.npy, D = 6): shuffle (RandomState 42), drop columns 3 and 1, add uniform
+  noise (0.001, 0.01, 1, 1, 1, 0 per column); last 10 % test, last 10 % of the rest
+  validation; standardise by train+validation (ddof 0).
+- gas (gas/ethylene_CO.pickle, a pandas DataFrame, D = 8): drop Meth, Eth, Time; drop the first
+  column correlated > 0.98 with another until none is; standardise by all rows (ddof 1);
+  split as power.
+- hepmass (hepmass/1000_train.csv, 1000_test.csv, D = 21): keep signal rows (label 1), drop
+  the label (and the test file's last column); standardise by train (ddof 1), by position;
+  drop features whose smallest value occurs > 5 times in train; last 10 % of train validation.
+- miniboone (miniboone/data.npy, D = 43): split as power (no shuffle); standardise by
+  train+validation (ddof 0).
+- bsds300 (BSDS300/BSDS300.hdf5 with train, validation and test, D = 63): as stored.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top
+from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 

@@ -7,7 +7,7 @@ from experiments.training import config as base
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.base_config()
-  # Data (ENGINEERING.md §2): tfds images, dequantised and logit-transformed.
+  # Data (docs/method.md, "Reporting units"): tfds images, dequantised and logit-transformed.
   config.data_source = "images"
   config.dataset = "mnist"
   config.image_shape = (28, 28, 1)

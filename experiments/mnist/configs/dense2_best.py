@@ -18,6 +18,5 @@ def get_config():
   config.log_every_steps = 500
   config.eval_every_epochs = 2
   config.on_divergence = "restore"
-  config.divergence_nats = 1000.0
   config.checkpoint_every_steps = 2500
   return config

@@ -1,0 +1,42 @@
+"""Evaluation of a whole split: means and 2 standard errors of the per-example metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import numpy as np
+
+from experiments.training import steps
+from experiments.types import PyTree
+
+EvalStep = Callable[[PyTree, jax.Array], dict[str, jax.Array]]
+"""(params, y (N, D)) → per-example metrics (N,), see `steps.make_eval_step`."""
+
+
+def evaluate(eval_step: EvalStep, params: PyTree, y: np.ndarray, batch_size: int,
+             put: Callable[[np.ndarray], jax.Array] = jax.device_put) -> dict[str, float]:
+  """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors (`<key>_2se`) of all
+  but the likelihood parts.
+
+  Each batch of y (host memory) is placed on the devices by `put`.
+  """
+  if y.shape[0] == 0:
+    raise ValueError("The evaluation split is empty.")
+  batches = [eval_step(params, put(y[start:start + batch_size])) for start in range(0, y.shape[0], batch_size)]
+  values = {key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]}
+  two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+  metrics = {key: float(value.mean()) for key, value in values.items()}
+  metrics.update({f"{key}_2se": two_se(value) for key, value in values.items()
+                  if key not in steps.LIKELIHOOD_PARTS})
+  return metrics
+
+
+def describe(metrics: dict[str, float]) -> str:
+  """"LL −3.34 ± 0.02 nats", or for images (which report bits/dim, and whose LL is of the
+  logit-transformed pixels) "LL −1375.78 ± 1.39 logit nats, 2.0303 ± 0.0056 bits/dim"."""
+  if "bpd" not in metrics:
+    return f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} nats"
+  return (f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} logit nats, "
+          f"{metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim")
