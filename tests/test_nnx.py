@@ -226,3 +226,17 @@ def test_misuse_fails_loudly():
   _, grads, extra = frn.value_and_relative_grad(nll)(model, x)
   optimizer.update(model, grads, **extra)
   assert jnp.all(jnp.isnan(model.layers[0].kernel[...]))
+
+
+def test_stacked_flows_under_nnx_vmap_are_refused():
+  """Layers stacked by nnx.vmap are copies the model does not hold: refused, not mis-updated."""
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return frn.FlowMLP(3, 1, rngs=rngs)
+
+  flows = make(nnx.Rngs(0))
+  log_prob = nnx.vmap(lambda flow, x: flow.log_prob(x), in_axes=(0, None), out_axes=0)
+  with pytest.raises(ValueError, match="not an attribute of the model passed"):
+    frn.value_and_relative_grad(lambda m, x: -log_prob(m, x).mean())(flows, jnp.ones((4, 3)))
