@@ -22,11 +22,10 @@ The program prints KL(q ‖ p) = E_q[log q − log p̃] + log Z estimated on 100
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -38,11 +37,6 @@ import numpy as np
 import optax
 
 import flax_relgrad as fr
-
-OUTPUT = flags.DEFINE_string("output", "docs/toy/reverse_kl.png", "Where the picture goes.")
-STEPS = flags.DEFINE_integer("steps", 5000, "Training steps.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Samples per step.")
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the samples.")
 
 LOG_Z = math.log(4 * math.pi)
 """log of the target's normaliser."""
@@ -117,14 +111,20 @@ def draw(model: fr.FlowMLP, params, path: str, grid_size: int = 200) -> None:
   canvas.print_png(path)
 
 
-def main(argv):
-  del argv
-  model, params = train(STEPS.value, BATCH_SIZE.value, SEED.value)
-  kl, two_se = reverse_kl(model, params, jax.random.PRNGKey(SEED.value + 2), 100_000)
-  os.makedirs(os.path.dirname(OUTPUT.value) or ".", exist_ok=True)
-  draw(model, params, OUTPUT.value)
-  print(f"KL(q ‖ p) = {kl:.4f} ± {two_se:.4f} nats after {STEPS.value} steps; picture: {OUTPUT.value}")
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m experiments.toy.reverse_kl", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--output", default="docs/toy/reverse_kl.png", help="where the picture goes")
+  parser.add_argument("--steps", type=int, default=5000, help="training steps")
+  parser.add_argument("--batch_size", type=int, default=256, help="samples per step")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the samples")
+  args = parser.parse_args(argv)
+  model, params = train(args.steps, args.batch_size, args.seed)
+  kl, two_se = reverse_kl(model, params, jax.random.PRNGKey(args.seed + 2), 100_000)
+  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+  draw(model, params, args.output)
+  print(f"KL(q ‖ p) = {kl:.4f} ± {two_se:.4f} nats after {args.steps} steps; picture: {args.output}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
