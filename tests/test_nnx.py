@@ -240,3 +240,10 @@ def test_stacked_flows_under_nnx_vmap_are_refused():
   log_prob = nnx.vmap(lambda flow, x: flow.log_prob(x), in_axes=(0, None), out_axes=0)
   with pytest.raises(ValueError, match="not an attribute of the model passed"):
     frn.value_and_relative_grad(lambda m, x: -log_prob(m, x).mean())(flows, jnp.ones((4, 3)))
+
+
+def test_step_time_benchmark_runs(capsys):
+  from experiments.scaling import nnx_vs_linen  # pylint: disable=g-import-not-at-top
+  nnx_vs_linen.main(["--width=4", "--batch_size=3", "--repetitions=1", "--steps=1"])
+  output = capsys.readouterr().out
+  assert "ratio nnx / linen = " in output and "ratio nnx_cached / linen = " in output

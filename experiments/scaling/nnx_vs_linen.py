@@ -9,11 +9,15 @@ with `optax.chain(relative_jacobian(), adam)` on one fixed batch (B, D):
 - ``linen``: `jax.jit` of `value_and_relative_grad_args` + `tx.update` + `apply_updates`;
 - ``nnx``: the idiom of the Flax NNX examples, `nnx.jit` of
   `flax_relgrad.nnx.value_and_relative_grad` + `nnx.Optimizer.update(model, grads, **extra)`
-  (its Python-side graph traversal on every call included).
+  (its Python-side graph traversal on every call included);
+- ``nnx_cached``: the same step through `nnx.cached_partial(step, model, optimizer)`, Flax's
+  way to skip most of that traversal in a training loop.
+
+At small D the differences are the per-call Python overheads (try --width=8).
 
 Each step is compiled and run once before timing. Every repetition runs each step `steps`
-times back to back (blocking at the end), alternating which goes first; the report gives
-the median time per step over the repetitions and the ratio nnx / linen.
+times back to back (blocking at the end), in an order that rotates with the repetition; the
+report gives the median time per step over the repetitions and the ratios to linen.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ def linen_step(num_layers: int, alpha: float, learning_rate: float, x: jax.Array
   return run
 
 
-def nnx_step(width: int, num_layers: int, alpha: float, learning_rate: float, x: jax.Array) -> Callable[[], jax.Array]:
-  """A closure that runs one NNX step on x and returns the loss."""
+def nnx_step(
+    width: int, num_layers: int, alpha: float, learning_rate: float, x: jax.Array, cached: bool = False
+) -> Callable[[], jax.Array]:
+  """A closure that runs one NNX step on x and returns the loss (through
+  `nnx.cached_partial` if `cached`)."""
   model = frn.FlowMLP(width, num_layers, activation=fr.SmoothLeakyReLU(alpha), rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.chain(fr.relative_jacobian(), optax.adam(learning_rate)), wrt=nnx.Param)
   loss_fn = frn.value_and_relative_grad(lambda m, x: -m.log_prob(x).mean())
@@ -64,19 +71,22 @@ def nnx_step(width: int, num_layers: int, alpha: float, learning_rate: float, x:
     optimizer.update(model, grads, **extra)
     return loss
 
+  if cached:
+    cached_step = nnx.cached_partial(step, model, optimizer)
+    return lambda: cached_step(x)
   return lambda: step(model, optimizer, x)
 
 
 def time_steps(
     steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int
 ) -> dict[str, list[float]]:
-  """Seconds per step of each repetition, the steps interleaved (order alternating)."""
+  """Seconds per step of each repetition, the steps interleaved (order rotating)."""
   for run in steps.values():
     jax.block_until_ready(run())  # compile and warm up
   times: dict[str, list[float]] = {name: [] for name in steps}
   names = list(steps)
   for repetition in range(repetitions):
-    for name in names if repetition % 2 == 0 else reversed(names):
+    for name in names[repetition % len(names):] + names[:repetition % len(names)]:
       start = time.perf_counter()
       for _ in range(steps_per_repetition):
         loss = steps[name]()
@@ -98,15 +108,20 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   x = jax.random.normal(jax.random.PRNGKey(1), (args.batch_size, args.width), jnp.float32)
   settings = (args.num_layers, args.alpha, args.learning_rate, x)
-  steps = {"linen": linen_step(*settings), "nnx": nnx_step(args.width, *settings)}
+  steps = {
+      "linen": linen_step(*settings),
+      "nnx": nnx_step(args.width, *settings),
+      "nnx_cached": nnx_step(args.width, *settings, cached=True),
+  }
   times = time_steps(steps, args.repetitions, args.steps)
   medians = {name: statistics.median(values) for name, values in times.items()}
   print(f"D = {args.width}, B = {args.batch_size}, L = {args.num_layers}, {args.repetitions} repetitions × "
         f"{args.steps} steps, {jax.devices()[0].device_kind}")
   for name, values in times.items():
-    print(f"{name:6s} median {1e3 * medians[name]:8.3f} ms/step "
+    print(f"{name:10s} median {1e3 * medians[name]:8.3f} ms/step "
           f"(min {1e3 * min(values):.3f}, max {1e3 * max(values):.3f})")
-  print(f"ratio nnx / linen = {medians['nnx'] / medians['linen']:.3f}")
+  for name in ("nnx", "nnx_cached"):
+    print(f"ratio {name} / linen = {medians[name] / medians['linen']:.3f}")
 
 
 if __name__ == "__main__":
