@@ -88,20 +88,17 @@ def check_against_brute_force(model, loss_fn, *args):
 
 
 def test_update_equals_brute_force(float64):
-  flow = frn.FlowMLP(4, 2, activation=fr.SmoothLeakyReLU(0.2), base="diagonal_gaussian", param_dtype=F64,
-                     rngs=nnx.Rngs(0))
-  perturb(flow)
-  layers, others, error = check_against_brute_force(flow, nll, normal(1, (7, 4)))
-  assert layers == ["layers/0", "layers/1"]
-  assert others == ["base_distribution/loc", "base_distribution/log_scale"]
+  """Two flows (one with a learned base), an ordinary affine map between them, an ordinary
+  linear head, the first flow called on two batches of different sizes."""
   model = Composite(nnx.Rngs(2))
   perturb(model, 3)
   batches = normal(4, (9, 3)), normal(5, (4, 3))
-  layers, others, composite_error = check_against_brute_force(model, composite_loss, *batches)
+  layers, others, error = check_against_brute_force(model, composite_loss, *batches)
   assert layers == ["first/layers/0", "first/layers/1", "second/layers/0"]
-  assert len(others) == 6
-  print(f"NNX update vs brute force: max relative error {error:.1e} (flow), {composite_error:.1e} (composite)")
-  assert max(error, composite_error) < 1e-10
+  assert others == ["head/bias", "head/kernel", "log_scale", "second/base_distribution/loc",
+                    "second/base_distribution/log_scale", "shift"]
+  print(f"NNX update vs brute force: max relative error {error:.1e}")
+  assert error < 1e-10
 
 
 def test_exact_loss_and_has_aux(float64):
@@ -127,7 +124,7 @@ def linen_params_to_nnx(model, params):
 
 
 def test_parity_with_linen_after_100_adam_steps(float64):
-  """Same initial params, same batches (two batch sizes): the same params after 100 steps."""
+  """Same initial params, same batches: the same params after 100 steps."""
   activation = fr.SmoothLeakyReLU(0.1)
   linen = fr.FlowMLP(2, activation, param_dtype=F64, base="diagonal_gaussian")
   data = normal(0, (400, 4)) @ jnp.array([[1.0, 0.5, 0, 0], [0, 0.3, 0.2, 0], [0.4, 0, 2.0, 0], [0, 0, 0.5, 0.7]])
@@ -154,7 +151,7 @@ def test_parity_with_linen_after_100_adam_steps(float64):
     return loss
 
   for step in range(100):
-    x = data[(step % 8) * 50:(step % 8) * 50 + (50 if step % 2 else 37)]
+    x = data[(step % 8) * 50:(step % 8 + 1) * 50]
     params, opt_state = linen_step(params, opt_state, x)
     nnx_step(model, optimizer, x)
   expected = flat(params)
