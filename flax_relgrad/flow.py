@@ -7,6 +7,8 @@ Row-vector convention (docs/method.md §1). For inputs x of shape (..., D):
 
     log p(x) = Σ_i log N(z_L,i; 0, 1) + Σ_{k<L} Σ_i log σ'(y_k,i) + Σ_k log|det W_k|.
 
+with N(0, 1) the default base; `base="diagonal_gaussian"` learns N(loc_i, exp(log_scale_i)²).
+
 Relative-gradient bookkeeping. `FlowDense` is the only place where it happens, and it is
 invisible in a plain `model.apply`. Inside :func:`flax_relgrad.value_and_relative_grad`
 every call of a flow layer
@@ -154,24 +156,35 @@ class FlowDense(nn.Module):
       y (same shape as z) and log|det ∂y/∂z| = n·log|det W| of shape z.shape[:-event_ndims],
       n = the number of D-vectors per example (T, H·W, ...).
     """
-    if not 1 <= event_ndims <= z.ndim:
-      raise ValueError(f"event_ndims must be in [1, {z.ndim}] for an input of shape {z.shape}.")
-    vectors_per_example = math.prod(z.shape[z.ndim - event_ndims : -1])
-    y = self(z)
-    log_det = vectors_per_example * self.log_abs_det()
-    return y, jnp.broadcast_to(log_det, z.shape[: z.ndim - event_ndims])
+    return dense_forward_and_log_det(self, z, event_ndims)
 
   def inverse(self, y: jax.Array) -> jax.Array:
     """z = (y − b) W⁻¹ for y (..., D), with one LU factorisation of W per call."""
-    kernel = self.get_variable("params", "kernel")
-    if self.use_bias:
-      y = y - self.get_variable("params", "bias")
-    dtype = factorisation_dtype(y.dtype)
-    lu_and_pivots = jax.scipy.linalg.lu_factor(kernel.astype(dtype))
-    flat = y.reshape(-1, y.shape[-1]).astype(dtype)
-    # z W = y  ⇔  Wᵀ zᵀ = yᵀ, hence trans=1.
-    z = jax.scipy.linalg.lu_solve(lu_and_pivots, flat.T, trans=1).T
-    return z.reshape(y.shape).astype(y.dtype)
+    bias = self.get_variable("params", "bias") if self.use_bias else None
+    return dense_inverse(self.get_variable("params", "kernel"), bias, y)
+
+
+def dense_forward_and_log_det(layer: Any, z: jax.Array, event_ndims: int) -> tuple[jax.Array, jax.Array]:
+  """`layer(z)` and n·`layer.log_abs_det()` per example, for a Linen or NNX `FlowDense`."""
+  if not 1 <= event_ndims <= z.ndim:
+    raise ValueError(f"event_ndims must be in [1, {z.ndim}] for an input of shape {z.shape}.")
+  vectors_per_example = math.prod(z.shape[z.ndim - event_ndims : -1])
+  y = layer(z)
+  log_det = vectors_per_example * layer.log_abs_det()
+  return y, jnp.broadcast_to(log_det, z.shape[: z.ndim - event_ndims])
+
+
+def dense_inverse(kernel: jax.Array, bias: jax.Array | None, y: jax.Array) -> jax.Array:
+  """z = (y − b) W⁻¹ for y (..., D): one LU factorisation of the (D, D) kernel, in at least
+  float32; differentiable (reverse mode through the LU solve)."""
+  if bias is not None:
+    y = y - bias
+  dtype = factorisation_dtype(y.dtype)
+  lu_and_pivots = jax.scipy.linalg.lu_factor(kernel.astype(dtype))
+  flat = y.reshape(-1, y.shape[-1]).astype(dtype)
+  # z W = y  ⇔  Wᵀ zᵀ = yᵀ, hence trans=1.
+  z = jax.scipy.linalg.lu_solve(lu_and_pivots, flat.T, trans=1).T
+  return z.reshape(y.shape).astype(y.dtype)
 
 
 def kernel_log_abs_det(kernel: jax.Array) -> jax.Array:
@@ -179,10 +192,22 @@ def kernel_log_abs_det(kernel: jax.Array) -> jax.Array:
   return jnp.linalg.slogdet(kernel.astype(factorisation_dtype(kernel.dtype)))[1]
 
 
-def check_vectors(x: jax.Array, name: str = "inputs") -> None:
-  """Refuses anything but a non-empty array of D-vectors (..., D)."""
+def check_vectors(x: jax.Array, name: str = "inputs", width: int | None = None) -> None:
+  """Refuses anything but a non-empty array of D-vectors (..., D), D = `width` if given."""
   if x.ndim < 1 or x.shape[-1] < 1:
     raise ValueError(f"The flow expects {name} of shape (..., D) with D >= 1, got {x.shape}.")
+  if width is not None and x.shape[-1] != width:
+    raise ValueError(f"The flow has D = {width} ({width}×{width} kernels) but got {name} of shape {x.shape}.")
+  if x.size == 0:
+    raise ValueError(f"The flow got empty {name} of shape {x.shape}.")
+
+
+def sample_shape_tuple(sample_shape: int | Sequence[int]) -> tuple[int, ...]:
+  """`sample_shape` as a tuple: 8 → (8,), (2, 5) → (2, 5), () → ()."""
+  shape = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+  if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
+    raise ValueError(f"sample_shape must be an int or a tuple of ints >= 0, got {sample_shape!r}.")
+  return tuple(shape)
 
 
 Modulation = tuple[jax.Array, jax.Array]
@@ -221,18 +246,22 @@ def stack_inverse(
     activation: Activation,
     z: jax.Array,
     modulations: Sequence[Modulation] | None = None,
-) -> jax.Array:
-  """x = g⁻¹(z) of a dense stack: linear solves and Newton-inverted activations."""
+) -> tuple[jax.Array, jax.Array]:
+  """x = g⁻¹(z) of a dense stack (linear solves and Newton-inverted activations), and the
+  same example-dependent part of log|det ∂z/∂x| at x that `stack_forward` returns."""
   y = z
+  log_det = jnp.zeros(z.shape[:-1], z.dtype)
   for index in reversed(range(len(layers))):
     if index != len(layers) - 1:
       # The activation's Newton iteration needs float32 precision at least.
       y = activation.inverse(y.astype(factorisation_dtype(y.dtype))).astype(y.dtype)
+      log_det = log_det + activation.log_derivative(y).sum(-1)
     if modulations is not None:
       shift, log_scale = modulations[index]
       y = (y - shift) * jnp.exp(-log_scale)
+      log_det = log_det + log_scale.sum(-1)
     y = layers[index].inverse(y)
-  return y
+  return y, log_det
 
 
 def make_layers(num_layers: int, use_bias: bool, kernel_init: Initializer, param_dtype: Dtype):
@@ -244,12 +273,65 @@ def make_layers(num_layers: int, use_bias: bool, kernel_init: Initializer, param
   ]
 
 
+BASES = ("normal", "diagonal_gaussian")
+"""Base densities of the flows: N(0, I), or N(loc, diag(exp(2·log_scale))) with learned
+loc and log_scale (D,) (both start at 0). The base's params are ordinary leaves: they take
+their ordinary gradient next to the flow layers' relative one."""
+
+
+def check_base(base: str) -> None:
+  if base not in BASES:
+    raise ValueError(f"base must be one of {BASES}, got {base!r}.")
+
+
+class DiagonalGaussian(nn.Module):
+  """The learned base N(loc, diag(exp(2·log_scale))): params `loc` and `log_scale`, (D,).
+
+  Attributes:
+    param_dtype: dtype of the parameters.
+  """
+
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, width: int) -> tuple[jax.Array, jax.Array]:
+    """(loc, log_scale), each (D,)."""
+    loc = self.param("loc", nn.initializers.zeros, (width,), self.param_dtype)
+    return loc, self.param("log_scale", nn.initializers.zeros, (width,), self.param_dtype)
+
+
+GaussianParams = tuple[jax.Array, jax.Array] | None
+"""(loc, log_scale) of a learned diagonal Gaussian base, or None for N(0, I)."""
+
+
+def gaussian_log_prob(z: jax.Array, base: GaussianParams) -> jax.Array:
+  """Σ_i log N(z_i; loc_i, exp(log_scale_i)²) over the last axis (standard normal for None)."""
+  if base is None:
+    return standard_normal_log_prob(z)
+  loc, log_scale = base
+  return standard_normal_log_prob((z - loc) * jnp.exp(-log_scale)) - log_scale.sum(-1)
+
+
+def gaussian_sample(rng: jax.Array, shape: tuple[int, ...], dtype: Dtype, base: GaussianParams) -> jax.Array:
+  """Draws of shape `shape` (..., D): ε ~ N(0, I), then loc + exp(log_scale)·ε."""
+  noise = jax.random.normal(rng, shape, dtype)
+  if base is None:
+    return noise
+  loc, log_scale = base
+  return loc + jnp.exp(log_scale) * noise
+
+
 class FlowMLP(nn.Module):
   """A dense normalizing flow: `num_layers` square layers with activations in between.
 
   Data → latent is the forward direction. The width D is taken from the input; all kernels
   are D×D and unconstrained (no triangular or LU structure). Every method maps the last axis
-  and keeps any leading batch shape.
+  and keeps any leading batch shape; inputs must be non-empty and have the kernels' D.
+
+  Distribution methods (flowjax/distrax naming): `log_prob(x)`, `sample(rng, sample_shape)`,
+  `sample_and_log_prob(rng, sample_shape)`, and the bijection's `forward_and_log_det(x)`
+  (data → latent) and `inverse_and_log_det(z)` (latent → data). Sampling is differentiable
+  (implicit differentiation of the activation's Newton inverse, autodiff through the solves).
 
   Attributes:
     num_layers: number of dense layers L ≥ 1.
@@ -257,6 +339,8 @@ class FlowMLP(nn.Module):
     use_bias: whether the layers have biases.
     kernel_init: kernel initializer (orthogonal by default; see `near_identity`).
     param_dtype: dtype of the parameters (bfloat16 works: factorisations run in float32).
+    base: the base density, "normal" (N(0, I), no params) or "diagonal_gaussian" (params
+      `base_distribution/loc` and `base_distribution/log_scale`, see `BASES`).
   """
 
   num_layers: int = 2
@@ -264,9 +348,13 @@ class FlowMLP(nn.Module):
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.orthogonal()
   param_dtype: Dtype = jnp.float32
+  base: str = "normal"
 
   def setup(self):
+    check_base(self.base)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
+    if self.base == "diagonal_gaussian":
+      self.base_distribution = DiagonalGaussian(self.param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Data x (..., D) → latent z (..., D)."""
@@ -278,7 +366,9 @@ class FlowMLP(nn.Module):
     This is the part of log|det ∂z/∂x| that depends on the example; the kernels' part
     Σ_k log|det W_k| is `kernel_log_abs_det()`.
     """
-    check_vectors(x)
+    check_vectors(x, width=self._width())
+    if self.is_initializing():
+      self._base_params(x.shape[-1])  # creates a learned base's params
     return stack_forward(self.layers, self.activation, x)
 
   def kernel_log_abs_det(self) -> jax.Array:
@@ -291,19 +381,50 @@ class FlowMLP(nn.Module):
     return z, activation_log_det + self.kernel_log_abs_det()
 
   def log_prob(self, x: jax.Array) -> jax.Array:
-    """Exact log p(x) per example, shape (...), under a standard normal base density."""
+    """Exact log p(x) = log p_base(z) + log|det ∂z/∂x| per example, shape (...)."""
     z, log_det = self.forward_and_log_det(x)
-    return standard_normal_log_prob(z) + log_det
+    return self.base_log_prob(z) + log_det
+
+  def base_log_prob(self, z: jax.Array) -> jax.Array:
+    """log p_base(z) per latent (..., D), shape (...)."""
+    return gaussian_log_prob(z, self._base_params(z.shape[-1]))
 
   def inverse(self, z: jax.Array) -> jax.Array:
     """Latent z (..., D) → data x (..., D): linear solves and Newton-inverted activations."""
-    check_vectors(z, "latents")
-    return stack_inverse(self.layers, self.activation, z)
+    check_vectors(z, "latents", self._width())
+    return stack_inverse(self.layers, self.activation, z)[0]
 
-  def sample(self, rng: jax.Array, num_samples: int) -> jax.Array:
-    """`num_samples` draws x = g⁻¹(z), z ~ N(0, I): shape (num_samples, D)."""
+  def inverse_and_log_det(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Data x = g⁻¹(z) (..., D) and log|det ∂x/∂z| per latent, shape (...)."""
+    check_vectors(z, "latents", self._width())
+    x, activation_log_det = stack_inverse(self.layers, self.activation, z)
+    return x, -(activation_log_det + self.kernel_log_abs_det())
+
+  def sample(self, rng: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:
+    """Draws x = g⁻¹(z), z ~ p_base: shape sample_shape + (D,) (`sample(rng, 8)`: (8, D))."""
+    return self.inverse(self._base_sample(rng, sample_shape))
+
+  def sample_and_log_prob(
+      self, rng: jax.Array, sample_shape: int | Sequence[int] = ()
+  ) -> tuple[jax.Array, jax.Array]:
+    """Draws x (sample_shape + (D,)) and their exact log p(x) (sample_shape), one pass."""
+    z = self._base_sample(rng, sample_shape)
+    x, log_det = self.inverse_and_log_det(z)
+    return x, self.base_log_prob(z) - log_det
+
+  def _width(self) -> int | None:
+    """D, from the first kernel; None while initializing."""
+    if not self.layers[0].has_variable("params", "kernel"):
+      return None
+    return self.layers[0].get_variable("params", "kernel").shape[-1]
+
+  def _base_params(self, width: int) -> GaussianParams:
+    return self.base_distribution(width) if self.base == "diagonal_gaussian" else None
+
+  def _base_sample(self, rng: jax.Array, sample_shape: int | Sequence[int]) -> jax.Array:
     kernel = self.layers[0].get_variable("params", "kernel")
-    return self.inverse(jax.random.normal(rng, (num_samples, kernel.shape[-1]), kernel.dtype))
+    shape = sample_shape_tuple(sample_shape) + (kernel.shape[-1],)
+    return gaussian_sample(rng, shape, kernel.dtype, self._base_params(kernel.shape[-1]))
 
 
 def standard_normal_log_prob(z: jax.Array) -> jax.Array:

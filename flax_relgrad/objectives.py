@@ -153,7 +153,7 @@ def _placeholders(
   flat_params = flax.traverse_util.flatten_dict(params)
   placeholders = {}
   for layer in sorted(layers):
-    name = "/".join(map(str, layer))
+    name = "/".join(map(str, layer)) or "<root>"
     preactivations = flat.get(layer + (PREACTIVATION,), ())
     for y in preactivations:
       if y.size == 0:

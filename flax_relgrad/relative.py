@@ -16,9 +16,8 @@ likelihood. `relative_gradients` puts these in place of a gradient tree's flow-l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -76,7 +75,8 @@ def relative_gradients(
 
   Args:
     params: the parameters the gradients were taken at.
-    grads: autodiff gradients of the loss with respect to params.
+    grads: autodiff gradients of the loss with respect to params (nested dicts, or an NNX
+      `nnx.State`).
     preactivations: the `intermediates` each flow layer sowed: at its path P, P/preactivation
       is a tuple with the layer's y of every call.
     perturbation_grads: the gradient of the loss with respect to the `perturbations`
@@ -88,13 +88,21 @@ def relative_gradients(
   replacements = _relative_updates(params, preactivations, perturbation_grads)
 
   def replace(key_path, leaf):
-    return replacements.get(tuple(str(getattr(key, "key", key)) for key in key_path), leaf)
+    # The dict keys of the path: Flax NNX's `nnx.State` adds attribute keys around its leaves.
+    path = tuple(str(key.key) for key in key_path if isinstance(key, jax.tree_util.DictKey))
+    return replacements.get(path, leaf)
 
   return jax.tree_util.tree_map_with_path(replace, grads)
 
 
-def _flat(tree: PyTree) -> dict[Path, Any]:
-  return {tuple(map(str, path)): leaf for path, leaf in flax.traverse_util.flatten_dict(tree).items()}
+def _flat(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
+  """{path with str keys: leaf} of nested mappings (dicts, FrozenDicts, `nnx.State`); tuples
+  (one pre-activation per call) are leaves."""
+  flat = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    flat.update(_flat(value, path) if isinstance(value, Mapping) else {path: value})
+  return flat
 
 
 def _relative_updates(

@@ -80,3 +80,19 @@ def test_custom_activation_plugs_into_flow(float64):
   jacobians = jax.vmap(jax.jacfwd(lambda v: model.apply({"params": params}, v)))(x)
   expected = fr.standard_normal_log_prob(z) + jnp.linalg.slogdet(jacobians)[1]
   np.testing.assert_allclose(model.apply({"params": params}, x, method=fr.FlowMLP.log_prob), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.3])
+def test_inverse_derivatives_match_finite_differences(float64, alpha):
+  """Implicit differentiation (no differentiation through the Newton loop): reverse and
+  forward mode, first and second order, against central differences."""
+  activation = fr.SmoothLeakyReLU(alpha)
+  y = jnp.array([-30.0, -1.0, -1e-3, 0.0, 0.7, 25.0])
+  eps = 1e-6
+  finite = (activation.inverse(y + eps) - activation.inverse(y - eps)) / (2 * eps)
+  np.testing.assert_allclose(jax.vmap(jax.grad(activation.inverse))(y), finite, rtol=1e-6)
+  np.testing.assert_allclose(jax.jvp(activation.inverse, (y,), (jnp.ones_like(y),))[1], finite, rtol=1e-6)
+  first = jax.vmap(jax.grad(activation.inverse))
+  second_finite = (first(y + eps) - first(y - eps)) / (2 * eps)
+  second = jax.vmap(jax.grad(jax.grad(activation.inverse)))(y)
+  np.testing.assert_allclose(second, second_finite, rtol=1e-5, atol=1e-6)

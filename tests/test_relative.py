@@ -196,10 +196,14 @@ def test_vmap_without_collection_axes_is_refused_naming_the_cause():
 def test_bad_batches_raise():
   model = fr.FlowMLP(2)
   params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
-  with pytest.raises(ValueError, match=r"flow layer 'layers_0' was applied to an empty batch \(0, 4\)"):
+  with pytest.raises(ValueError, match=r"empty inputs of shape \(0, 4\)"):
     fr.value_and_relative_grad(model, fr.nll)(params, jnp.ones((0, 4)))
   with pytest.raises(ValueError, match=r"shape \(\.\.\., D\)"):
     fr.value_and_relative_grad(model, fr.nll)(params, jnp.ones(()))
+  layer = fr.FlowDense()  # a bare layer has no input check: the relative pass refuses
+  layer_params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
+  with pytest.raises(ValueError, match=r"flow layer '<root>' was applied to an empty batch"):
+    fr.value_and_relative_grad(layer, lambda m, x: -m.forward_and_log_det(x)[1].sum())(layer_params, jnp.ones((0, 4)))
   conditional = fr.ConditionalFlowMLP(2)
   params = conditional.init(jax.random.PRNGKey(0), jnp.ones((3, 4)), jnp.ones((3, 2)))["params"]
   with pytest.raises(ValueError, match=r"context of shape \(5, 'C'\).*got \(3, 2\)"):

@@ -140,6 +140,8 @@ def normal(seed, shape):
 
 CASES = {
     "flow_and_learned_base": lambda: (FlowWithLearnedBase(), (normal(1, (7, 4)),), 2, 2),
+    "flowmlp_diagonal_gaussian_base": lambda: (
+        fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"), (normal(8, (7, 4)),), 2, 2),
     "two_flows": lambda: (TwoFlows(), (normal(2, (6, 3)),), 3, 2),
     "conditional_with_bias": lambda: (conditional(True), (normal(3, (9, 3)), normal(4, (9, 2))), 2, 4),
     "conditional_without_bias": lambda: (conditional(False), (normal(3, (9, 3)), normal(4, (9, 2))), 2, 4),

@@ -1,0 +1,128 @@
+"""Time the NNX relative-gradient training step against the Linen one, side by side.
+
+    python -m experiments.scaling.nnx_vs_linen
+    python -m experiments.scaling.nnx_vs_linen --width=784 --batch_size=100 --repetitions=9
+
+Both steps train the same `FlowMLP` (L layers, SmoothLeakyReLU(α), float32, orthogonal init)
+with Adam on the relative gradient, on one fixed batch (B, D):
+
+- ``linen``: `jax.jit` of `value_and_relative_grad` + `tx.update` + `apply_updates`;
+- ``nnx``: the idiom of the Flax NNX examples, `nnx.jit` of
+  `flax_relgrad.nnx.value_and_relative_grad` + `nnx.Optimizer.update(model, grads)`
+  (its Python-side graph traversal on every call included);
+- ``nnx_cached``: the same step through `nnx.cached_partial(step, model, optimizer)`, Flax's
+  way to skip most of that traversal in a training loop.
+
+At small D the differences are the per-call Python overheads (try --width=8).
+
+Each step is compiled and run once before timing. Every repetition runs each step `steps`
+times back to back (blocking at the end), in an order that rotates with the repetition; the
+report gives the median time per step over the repetitions and the ratios to linen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+import flax_relgrad as fr
+import flax_relgrad.nnx as frn
+
+
+def linen_step(num_layers: int, alpha: float, learning_rate: float, x: jax.Array) -> Callable[[], jax.Array]:
+  """A closure that runs one Linen step on x and returns the loss (state kept inside)."""
+  model = fr.FlowMLP(num_layers, fr.SmoothLeakyReLU(alpha))
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+  tx = optax.adam(learning_rate)
+  state = {"params": params, "opt_state": tx.init(params)}
+
+  @jax.jit
+  def step(params, opt_state, x):
+    loss, grads = fr.value_and_relative_grad(model, fr.nll)(params, x)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def run() -> jax.Array:
+    state["params"], state["opt_state"], loss = step(state["params"], state["opt_state"], x)
+    return loss
+
+  return run
+
+
+def nnx_step(
+    width: int, num_layers: int, alpha: float, learning_rate: float, x: jax.Array, cached: bool = False
+) -> Callable[[], jax.Array]:
+  """A closure that runs one NNX step on x and returns the loss (through
+  `nnx.cached_partial` if `cached`)."""
+  model = frn.FlowMLP(width, num_layers, activation=fr.SmoothLeakyReLU(alpha), rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
+  loss_fn = frn.value_and_relative_grad(lambda m, x: -m.log_prob(x).mean())
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    loss, grads = loss_fn(model, x)
+    optimizer.update(model, grads)
+    return loss
+
+  if cached:
+    cached_step = nnx.cached_partial(step, model, optimizer)
+    return lambda: cached_step(x)
+  return lambda: step(model, optimizer, x)
+
+
+def time_steps(
+    steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int
+) -> dict[str, list[float]]:
+  """Seconds per step of each repetition, the steps interleaved (order rotating)."""
+  for run in steps.values():
+    jax.block_until_ready(run())  # compile and warm up
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  names = list(steps)
+  for repetition in range(repetitions):
+    for name in names[repetition % len(names):] + names[:repetition % len(names)]:
+      start = time.perf_counter()
+      for _ in range(steps_per_repetition):
+        loss = steps[name]()
+      jax.block_until_ready(loss)
+      times[name].append((time.perf_counter() - start) / steps_per_repetition)
+  return times
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m experiments.scaling.nnx_vs_linen", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--width", type=int, default=784)
+  parser.add_argument("--batch_size", type=int, default=100)
+  parser.add_argument("--num_layers", type=int, default=2)
+  parser.add_argument("--alpha", type=float, default=0.01)
+  parser.add_argument("--learning_rate", type=float, default=1e-4)
+  parser.add_argument("--repetitions", type=int, default=9)
+  parser.add_argument("--steps", type=int, default=20, help="steps per repetition")
+  args = parser.parse_args(argv)
+  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch_size, args.width), jnp.float32)
+  settings = (args.num_layers, args.alpha, args.learning_rate, x)
+  steps = {
+      "linen": linen_step(*settings),
+      "nnx": nnx_step(args.width, *settings),
+      "nnx_cached": nnx_step(args.width, *settings, cached=True),
+  }
+  times = time_steps(steps, args.repetitions, args.steps)
+  medians = {name: statistics.median(values) for name, values in times.items()}
+  print(f"D = {args.width}, B = {args.batch_size}, L = {args.num_layers}, {args.repetitions} repetitions × "
+        f"{args.steps} steps, {jax.devices()[0].device_kind}")
+  for name, values in times.items():
+    print(f"{name:10s} median {1e3 * medians[name]:8.3f} ms/step "
+          f"(min {1e3 * min(values):.3f}, max {1e3 * max(values):.3f})")
+  for name in ("nnx", "nnx_cached"):
+    print(f"ratio {name} / linen = {medians[name] / medians['linen']:.3f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,396 @@
+"""Native Flax NNX flows and their relative gradient: `import flax_relgrad.nnx as frn`.
+
+Same maths as the Linen modules (row-vector convention, y = z W + b; see `flax_relgrad.flow`),
+as `nnx.Module`s that own their parameters: `FlowDense(width, rngs=...)` and
+`FlowMLP(width, num_layers, ..., rngs=...)`. A training step in the idiom of the Flax NNX
+examples:
+
+    model = frn.FlowMLP(16, num_layers=2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x):
+      loss, grads = frn.value_and_relative_grad(lambda m, x: -m.log_prob(x).mean())(model, x)
+      optimizer.update(model, grads)
+      return loss
+
+How the relative gradient is obtained. `value_and_relative_grad` differentiates the loss
+with respect to the model's `nnx.Param`s and to zero perturbations of every flow layer's
+pre-activation y (δ = ∂loss/∂y) and of its log|det W| (λ = ∂loss/∂log|det W|). The
+perturbations, and the recorded y, live only for the duration of that call, in a context
+the `FlowDense` layers read; nothing is stored in the module (no `nnx.Intermediate`, no
+`nnx.Perturbation`), so no state can go stale between calls or collide with what the model
+sows, and every call builds them for its own batch (any batch size, jit-compatible). The
+per-layer maths is `flax_relgrad.relative`, shared with the Linen API.
+
+This module is not imported by `import flax_relgrad`: `flax.nnx` adds about 0.3 s to the
+import, which a Linen user need not pay. Import it as `flax_relgrad.nnx`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_relgrad.activations import Activation, SmoothLeakyReLU
+from flax_relgrad.flow import (
+    LOG_ABS_DET,
+    PREACTIVATION,
+    Dtype,
+    GaussianParams,
+    Initializer,
+    check_base,
+    check_vectors,
+    dense_forward_and_log_det,
+    dense_inverse,
+    factorisation_dtype,
+    gaussian_log_prob,
+    gaussian_sample,
+    kernel_log_abs_det,
+    sample_shape_tuple,
+    stack_forward,
+    stack_inverse,
+)
+from flax_relgrad.objectives import _check_scalar_loss, _placeholders
+from flax_relgrad.relative import relative_gradients
+
+PyTree = Any
+Path = tuple[Any, ...]
+
+
+class _RelativePass:
+  """What the flow layers read and record during one `value_and_relative_grad` call.
+
+  Attributes:
+    paths: {id of a FlowDense of the model: its path in the model's state}.
+    perturbations: {path: {PREACTIVATION: (zero (..., D) per call), LOG_ABS_DET: scalar}},
+      or None in the shape-only discovery pass.
+    preactivations: {path: [y per call]}, filled by the layers.
+    log_det_layers: paths of the layers whose log|det W| the loss used.
+  """
+
+  def __init__(self, model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None):
+    self.paths = {id(m): path for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
+    self.perturbations = perturbations
+    self.preactivations: dict[Path, list[jax.Array]] = {}
+    self.log_det_layers: set[Path] = set()
+
+  def path(self, layer: FlowDense) -> Path:
+    if id(layer) not in self.paths:
+      raise ValueError(
+          "flax_relgrad.nnx.value_and_relative_grad: the loss applies a FlowDense that is not "
+          "an attribute of the model passed (created in the loss, captured from outside, or "
+          "inside nnx.vmap/nnx.scan, which the NNX relative gradient does not support)."
+      )
+    return self.paths[id(layer)]
+
+  def preactivation(self, layer: FlowDense, y: jax.Array) -> jax.Array:
+    path = self.path(layer)
+    calls = self.preactivations.setdefault(path, [])
+    calls.append(y)
+    if self.perturbations is None:
+      return y
+    perturbation = self.perturbations[path][PREACTIVATION][len(calls) - 1]
+    if perturbation.shape != y.shape:
+      raise ValueError(
+          f"FlowDense '{_name(path)}' (call {len(calls)}): the loss maps another shape {y.shape} "
+          f"than in the discovery pass {perturbation.shape}; it must be a pure function of its args."
+      )
+    return y + perturbation
+
+  def log_abs_det(self, layer: FlowDense) -> jax.Array:
+    path = self.path(layer)
+    self.log_det_layers.add(path)
+    if self.perturbations is None:
+      return jnp.zeros((), factorisation_dtype(layer.kernel.dtype))
+    return self.perturbations[path][LOG_ABS_DET]
+
+
+_ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar("relative_pass", default=None)
+
+
+@contextlib.contextmanager
+def _relative_pass(model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None) -> Iterator[_RelativePass]:
+  tracker = _RelativePass(model, perturbations)
+  token = _ACTIVE.set(tracker)
+  try:
+    yield tracker
+  finally:
+    _ACTIVE.reset(token)
+
+
+def _name(path: Path) -> str:
+  return "/".join(map(str, path))
+
+
+class FlowDense(nnx.Module):
+  """One square dense layer y = z W + b of a flow (no activation), W unconstrained (NNX).
+
+  Maps the last axis of z (..., D): per position on a (B, T, D) sequence, an invertible 1×1
+  convolution on (B, H, W, C) images (`forward_and_log_det(z, event_ndims)`). Same contract
+  as the Linen `flax_relgrad.FlowDense`: the loss depends on `kernel` and `bias` only through
+  y = z W + b and `log_abs_det()`; put context-dependent shifts or scales after the layer.
+
+  Args:
+    width: D.
+    use_bias: whether to add the bias b.
+    kernel_init: initializer of the (D, D) kernel W (run in at least float32, then cast).
+    bias_init: initializer of the (D,) bias b.
+    param_dtype: dtype of the parameters.
+    rngs: the `nnx.Rngs` that draw the initial kernel.
+  """
+
+  def __init__(
+      self,
+      width: int,
+      *,
+      use_bias: bool = True,
+      kernel_init: Initializer = nnx.initializers.orthogonal(),
+      bias_init: Initializer = nnx.initializers.zeros,
+      param_dtype: Dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    kernel = kernel_init(rngs.params(), (width, width), factorisation_dtype(param_dtype))
+    self.kernel = nnx.Param(kernel.astype(param_dtype))
+    self.bias = nnx.Param(bias_init(rngs.params(), (width,), param_dtype)) if use_bias else None
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    """Maps z (..., D) to y = z W + b (..., D)."""
+    y = z @ self.kernel[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    tracker = _ACTIVE.get()
+    return y if tracker is None else tracker.preactivation(self, y)
+
+  def log_abs_det(self) -> jax.Array:
+    """log|det W| (a scalar) by `slogdet`, O(D³); in the relative-gradient pass, the
+    placeholder whose gradient is λ (no slogdet)."""
+    tracker = _ACTIVE.get()
+    return kernel_log_abs_det(self.kernel[...]) if tracker is None else tracker.log_abs_det(self)
+
+  def forward_and_log_det(self, z: jax.Array, event_ndims: int = 1) -> tuple[jax.Array, jax.Array]:
+    """y = z W + b and n·log|det W| per example, shape z.shape[:-event_ndims] (n = number
+    of D-vectors per example)."""
+    return dense_forward_and_log_det(self, z, event_ndims)
+
+  def inverse(self, y: jax.Array) -> jax.Array:
+    """z = (y − b) W⁻¹ for y (..., D), with one LU factorisation of W per call."""
+    if _ACTIVE.get() is not None:
+      raise ValueError(
+          "flax_relgrad.nnx.value_and_relative_grad: the loss runs a flow layer backwards (inverse "
+          "or sample). The relative gradient covers a loss that depends on a layer through its "
+          "output and its log|det W| only; for sampling-based losses (reverse KL, variational "
+          "inference) use nnx.value_and_grad."
+      )
+    return dense_inverse(self.kernel[...], None if self.bias is None else self.bias[...], y)
+
+
+class DiagonalGaussian(nnx.Module):
+  """The learned base N(loc, diag(exp(2·log_scale))), `loc` and `log_scale` (D,) from 0."""
+
+  def __init__(self, width: int, *, param_dtype: Dtype = jnp.float32):
+    self.loc = nnx.Param(jnp.zeros((width,), param_dtype))
+    self.log_scale = nnx.Param(jnp.zeros((width,), param_dtype))
+
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    """(loc, log_scale), each (D,)."""
+    return self.loc[...], self.log_scale[...]
+
+
+class FlowMLP(nnx.Module):
+  """A dense normalizing flow (NNX): `num_layers` square D×D layers, activations in between.
+
+  The NNX twin of `flax_relgrad.FlowMLP`, with the same methods and maths. Data → latent is
+  the forward direction; every method maps the last axis (D) and keeps any leading batch
+  shape; inputs must be non-empty with D = `width`.
+
+  Args:
+    width: D.
+    num_layers: number of dense layers L ≥ 1.
+    activation: strictly increasing activation between layers (see `Activation`).
+    use_bias: whether the layers have biases.
+    kernel_init: kernel initializer (orthogonal by default; see `near_identity`).
+    param_dtype: dtype of the parameters.
+    base: "normal" (N(0, I)) or "diagonal_gaussian" (learned `base_distribution.loc` and
+      `.log_scale`, ordinary params next to the flow layers).
+    rngs: the `nnx.Rngs` that draw the initial kernels.
+  """
+
+  def __init__(
+      self,
+      width: int,
+      num_layers: int = 2,
+      *,
+      activation: Activation = SmoothLeakyReLU(),
+      use_bias: bool = True,
+      kernel_init: Initializer = nnx.initializers.orthogonal(),
+      param_dtype: Dtype = jnp.float32,
+      base: str = "normal",
+      rngs: nnx.Rngs,
+  ):
+    if num_layers < 1:
+      raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
+    check_base(base)
+    self.width = width
+    self.activation = activation
+    self.layers = nnx.List([
+        FlowDense(width, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(num_layers)
+    ])
+    self.base_distribution = DiagonalGaussian(width, param_dtype=param_dtype) if base == "diagonal_gaussian" else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Data x (..., D) → latent z (..., D)."""
+    return self.forward_and_activation_log_det(x)[0]
+
+  def forward_and_activation_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Latent z (..., D) and Σ_{k<L} Σ_i log σ'(y_k,i), shape (...)."""
+    check_vectors(x, width=self.width)
+    return stack_forward(self.layers, self.activation, x)
+
+  def kernel_log_abs_det(self) -> jax.Array:
+    """Σ_k log|det W_k| (a scalar): O(L·D³) outside the relative pass, free in it."""
+    return sum(layer.log_abs_det() for layer in self.layers)
+
+  def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Latent z (..., D) and the exact log|det ∂z/∂x| per example, shape (...)."""
+    z, activation_log_det = self.forward_and_activation_log_det(x)
+    return z, activation_log_det + self.kernel_log_abs_det()
+
+  def log_prob(self, x: jax.Array) -> jax.Array:
+    """Exact log p(x) = log p_base(z) + log|det ∂z/∂x| per example, shape (...)."""
+    z, log_det = self.forward_and_log_det(x)
+    return self.base_log_prob(z) + log_det
+
+  def base_log_prob(self, z: jax.Array) -> jax.Array:
+    """log p_base(z) per latent (..., D), shape (...)."""
+    return gaussian_log_prob(z, self._base_params())
+
+  def inverse(self, z: jax.Array) -> jax.Array:
+    """Latent z (..., D) → data x (..., D): linear solves and Newton-inverted activations."""
+    check_vectors(z, "latents", self.width)
+    return stack_inverse(self.layers, self.activation, z)[0]
+
+  def inverse_and_log_det(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Data x = g⁻¹(z) (..., D) and log|det ∂x/∂z| per latent, shape (...)."""
+    check_vectors(z, "latents", self.width)
+    x, activation_log_det = stack_inverse(self.layers, self.activation, z)
+    return x, -(activation_log_det + self.kernel_log_abs_det())
+
+  def sample(self, rng: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:
+    """Draws x = g⁻¹(z), z ~ p_base: shape sample_shape + (D,)."""
+    return self.inverse(self._base_sample(rng, sample_shape))
+
+  def sample_and_log_prob(
+      self, rng: jax.Array, sample_shape: int | Sequence[int] = ()
+  ) -> tuple[jax.Array, jax.Array]:
+    """Draws x (sample_shape + (D,)) and their exact log p(x) (sample_shape), one pass."""
+    z = self._base_sample(rng, sample_shape)
+    x, log_det = self.inverse_and_log_det(z)
+    return x, self.base_log_prob(z) - log_det
+
+  def _base_params(self) -> GaussianParams:
+    return None if self.base_distribution is None else self.base_distribution()
+
+  def _base_sample(self, rng: jax.Array, sample_shape: int | Sequence[int]) -> jax.Array:
+    shape = sample_shape_tuple(sample_shape) + (self.width,)
+    return gaussian_sample(rng, shape, self.layers[0].kernel.dtype, self._base_params())
+
+
+LossFn = Callable[..., Any]
+
+
+def value_and_relative_grad(
+    loss_fn: LossFn,
+    *,
+    has_aux: bool = False,
+    exact_loss: bool = False,
+    require_log_det: bool = True,
+) -> Callable[..., tuple[Any, nnx.State]]:
+  """Like `nnx.value_and_grad(loss_fn)`, for an NNX model that contains flow layers.
+
+  `loss_fn(model, *args, **kwargs)` computes a scalar loss (or `(loss, aux)` with
+  `has_aux=True`) from the model: any methods, flows anywhere in its tree next to ordinary
+  layers (a learned base, an encoder, ...). The returned function
+
+      (model, *args, **kwargs) -> (value, grads)
+
+  gives the loss and the gradients with respect to `nnx.Param` (an `nnx.State`, as
+  `nnx.grad` returns, for `optimizer.update(model, grads)` with any optax optimizer), where
+  every flow layer's kernel and bias hold their exact relative gradient (from the layer's
+  pre-activations y, δ = ∂loss/∂y and λ = ∂loss/∂log|det W|, as in the Linen
+  `flax_relgrad.value_and_relative_grad`) and every other leaf its ordinary gradient.
+
+  - Unless `exact_loss`, every flow layer's log|det W| enters `value` as 0: it is not the NLL.
+  - Other state the loss changes (`nnx.BatchNorm` statistics, `nnx.Rngs` counts) is written
+    back to the model, as `nnx.value_and_grad` does.
+
+  Args:
+    loss_fn: `loss_fn(model, *args, **kwargs)`.
+    has_aux: whether `loss_fn` returns (loss, aux).
+    exact_loss: compute each flow layer's log|det W| by `slogdet` (forward only, O(D³)), for
+      losses that are not affine in the log-likelihoods (a mixture of flows), and to get
+      the exact loss value.
+    require_log_det: refuse a loss that applies a flow layer but never uses its log|det W|.
+
+  Returns:
+    The function `(model, *args, **kwargs) -> (value, grads)`.
+  """
+
+  def value_and_grad_fn(model: nnx.Module, *args: Any, **kwargs: Any):
+    discovered, applied = _discover(model, loss_fn, args, kwargs)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    placeholders = _placeholders(discovered, params, applied, exact_loss, require_log_det)
+
+    def loss_and_preactivations(model, perturbations, *args, **kwargs):
+      with _relative_pass(model, _by_layer(perturbations)) as tracker:
+        output = loss_fn(model, *args, **kwargs)
+      loss, aux = output if has_aux else (output, None)
+      _check_scalar_loss(loss)
+      calls = {path + (PREACTIVATION,): tuple(ys) for path, ys in tracker.preactivations.items()}
+      return loss, (aux, flax.traverse_util.unflatten_dict(calls))
+
+    (loss, (aux, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
+        loss_and_preactivations, argnums=(0, 1), has_aux=True
+    )(model, placeholders, *args, **kwargs)
+    grads = relative_gradients(params, grads, preactivations, perturbation_grads)
+    return ((loss, aux) if has_aux else loss), grads
+
+  return value_and_grad_fn
+
+
+def _discover(model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict) -> tuple[PyTree, set[Path]]:
+  """A shape-only pass (free under jit, no effect on the model's state): the shapes of every
+  flow layer's pre-activations, one per call, and a log-det entry for each layer whose
+  log|det W| the loss uses, as `{path: {PREACTIVATION: (...), LOG_ABS_DET: ()}}`; and the
+  paths of the applied layers."""
+  graphdef, state = nnx.split(model)
+  found: dict[str, Any] = {}
+
+  def shapes(state):
+    model = nnx.merge(graphdef, state)
+    with _relative_pass(model, None) as tracker:
+      loss_fn(model, *args, **kwargs)
+    found["log_det_layers"] = tracker.log_det_layers
+    found["order"] = list(tracker.preactivations)
+    return [tuple(tracker.preactivations[path]) for path in found["order"]]
+
+  calls = jax.eval_shape(shapes, state)
+  flat = {path + (PREACTIVATION,): ys for path, ys in zip(found["order"], calls)}
+  for path in found["log_det_layers"]:
+    flat[path + (LOG_ABS_DET,)] = jax.ShapeDtypeStruct((), jnp.float32)
+  return flax.traverse_util.unflatten_dict(flat), set(found["order"])
+
+
+def _by_layer(tree: PyTree) -> dict[Path, dict[str, Any]]:
+  """{layer path: {PREACTIVATION: ..., LOG_ABS_DET: ...}} from the nested perturbations tree."""
+  layers: dict[Path, dict[str, Any]] = {}
+  for path, value in flax.traverse_util.flatten_dict(tree).items():
+    layers.setdefault(path[:-1], {})[path[-1]] = value
+  return layers

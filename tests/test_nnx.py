@@ -1,0 +1,241 @@
+"""Native NNX flows (`flax_relgrad.nnx`) against brute force and against the Linen modules.
+
+In float64: the gradient `frn.value_and_relative_grad` gives every flow layer must equal
+Ŵ Ŵᵀ Ĝ (Ĝ the autodiff gradient of the exact loss, slogdet included), every other
+parameter its autodiff gradient, and 100 Adam steps must land on the Linen flow's parameters.
+"""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flax_relgrad as fr
+import flax_relgrad.nnx as frn
+from conftest import brute_force_relative_gradient
+from conftest import perturb_params
+
+F64 = jnp.float64
+
+
+def flat(tree):
+  """{'a/0/kernel': leaf} of an nnx.State or a dict (Variable wrappers skipped)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  keys = lambda path: "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+  return {keys(path): leaf for path, leaf in leaves}
+
+
+def perturb(model, seed=1):
+  """Moves every parameter by 0.3·N(0, 1), so that no term of a gradient vanishes."""
+  nnx.update(model, perturb_params(nnx.as_pure(nnx.state(model, nnx.Param)), seed))
+
+
+class Composite(nnx.Module):
+  """Two flows with an ordinary elementwise affine map between them, a learned base, and an
+  ordinary linear head in an extra loss term."""
+
+  def __init__(self, rngs):
+    self.first = frn.FlowMLP(3, 2, activation=fr.SmoothLeakyReLU(0.3), param_dtype=F64, rngs=rngs)
+    self.log_scale = nnx.Param(jnp.zeros(3, F64))
+    self.shift = nnx.Param(jnp.zeros(3, F64))
+    self.second = frn.FlowMLP(3, 1, use_bias=False, base="diagonal_gaussian", param_dtype=F64, rngs=rngs)
+    self.head = nnx.Linear(3, 1, param_dtype=F64, rngs=rngs)
+
+  def log_prob(self, x):
+    z, first = self.first.forward_and_log_det(x)
+    z = z * jnp.exp(self.log_scale[...]) + self.shift[...]
+    return self.second.log_prob(z) + first + self.log_scale[...].sum()
+
+
+def composite_loss(model, x, other):
+  """The first flow is applied to two batches of different sizes (two calls per layer)."""
+  nll = -model.log_prob(x).mean() - 0.5 * model.log_prob(other).mean()
+  return nll + 0.1 * jnp.mean(model.head(x) ** 2)
+
+
+def nll(model, x):
+  return -model.log_prob(x).mean()
+
+
+def normal(seed, shape):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, F64)
+
+
+def check_against_brute_force(model, loss_fn, *args):
+  """Max relative error of the flow layers' updates; the other leaves must be exact."""
+  loss, grads = nnx.jit(frn.value_and_relative_grad(loss_fn))(model, *args)
+  updates = flat(nnx.as_pure(grads))
+  exact = flat(nnx.jit(nnx.grad(loss_fn))(model, *args))
+  params = flat(nnx.as_pure(nnx.state(model, nnx.Param)))
+  layers = sorted({module_path for module_path, module in
+                   (("/".join(map(str, p)), m) for p, m in nnx.iter_modules(model))
+                   if isinstance(module, frn.FlowDense)})
+  errors = []
+  for layer in layers:
+    bias = params.get(f"{layer}/bias")
+    expected = brute_force_relative_gradient(
+        params[f"{layer}/kernel"], bias, exact[f"{layer}/kernel"], None if bias is None else exact[f"{layer}/bias"])
+    for name, value in zip(("kernel", "bias"), expected):
+      if f"{layer}/{name}" in params:
+        error = jnp.max(jnp.abs(updates[f"{layer}/{name}"] - value)) / jnp.max(jnp.abs(value))
+        errors.append(float(error))
+  others = sorted(path for path in params if path.rsplit("/", 1)[0] not in layers)
+  for path in others:
+    np.testing.assert_allclose(updates[path], exact[path], rtol=1e-12, atol=1e-15)
+  return layers, others, max(errors)
+
+
+def test_update_equals_brute_force(float64):
+  """Two flows (one with a learned base), an ordinary affine map between them, an ordinary
+  linear head, the first flow called on two batches of different sizes."""
+  model = Composite(nnx.Rngs(2))
+  perturb(model, 3)
+  batches = normal(4, (9, 3)), normal(5, (4, 3))
+  layers, others, error = check_against_brute_force(model, composite_loss, *batches)
+  assert layers == ["first/layers/0", "first/layers/1", "second/layers/0"]
+  assert others == ["head/bias", "head/kernel", "log_scale", "second/base_distribution/loc",
+                    "second/base_distribution/log_scale", "shift"]
+  print(f"NNX update vs brute force: max relative error {error:.1e}")
+  assert error < 1e-10
+
+
+def test_exact_loss_and_has_aux(float64):
+  model = frn.FlowMLP(3, 2, param_dtype=F64, rngs=nnx.Rngs(0))
+  perturb(model)
+  x = normal(1, (6, 3))
+  (loss, aux), _ = frn.value_and_relative_grad(lambda m, x: (nll(m, x), x.shape[0]), has_aux=True,
+                                                  exact_loss=True)(model, x)
+  np.testing.assert_allclose(loss, nll(model, x), rtol=1e-13)
+  assert aux == 6
+  loss_without, _ = frn.value_and_relative_grad(nll)(model, x)
+  np.testing.assert_allclose(loss_without, nll(model, x) + model.kernel_log_abs_det(), rtol=1e-13)
+
+
+def linen_params_to_nnx(model, params):
+  """Loads a Linen FlowMLP's params into the NNX FlowMLP `model`."""
+  pure = {"layers": {k: params[f"layers_{k}"] for k in range(len(model.layers))}}
+  if "base_distribution" in params:
+    pure["base_distribution"] = params["base_distribution"]
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+
+
+def test_parity_with_linen_after_100_adam_steps(float64):
+  """Same initial params, same batches: the same params after 100 steps."""
+  activation = fr.SmoothLeakyReLU(0.1)
+  linen = fr.FlowMLP(2, activation, param_dtype=F64, base="diagonal_gaussian")
+  data = normal(0, (400, 4)) @ jnp.array([[1.0, 0.5, 0, 0], [0, 0.3, 0.2, 0], [0.4, 0, 2.0, 0], [0, 0, 0.5, 0.7]])
+  params = perturb_params(linen.init(jax.random.PRNGKey(1), data[:2])["params"], 2, 0.1)
+  model = frn.FlowMLP(4, 2, activation=activation, param_dtype=F64, base="diagonal_gaussian", rngs=nnx.Rngs(0))
+  linen_params_to_nnx(model, params)
+  for method in ("log_prob", "forward_and_log_det", "inverse_and_log_det"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+                 getattr(model, method)(data[:5]), linen.apply({"params": params}, data[:5], method=method))
+  tx = lambda: optax.adam(1e-2)
+  opt_state = tx().init(params)
+  optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
+
+  @jax.jit
+  def linen_step(params, opt_state, x):
+    _, grads = fr.value_and_relative_grad(linen, fr.nll)(params, x)
+    updates, opt_state = tx().update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  @nnx.jit
+  def nnx_step(model, optimizer, x):
+    loss, grads = frn.value_and_relative_grad(nll)(model, x)
+    optimizer.update(model, grads)
+    return loss
+
+  for step in range(100):
+    x = data[(step % 8) * 50:(step % 8 + 1) * 50]
+    params, opt_state = linen_step(params, opt_state, x)
+    nnx_step(model, optimizer, x)
+  expected = flat(params)
+  got = flat(nnx.as_pure(nnx.state(model, nnx.Param)))
+  error = max(float(jnp.max(jnp.abs(got[path.replace("layers_", "layers/")] - value)))
+              for path, value in expected.items())
+  print(f"NNX vs Linen after 100 Adam steps: max abs parameter difference {error:.1e}")
+  assert error < 1e-9
+  initial = linen.init(jax.random.PRNGKey(1), data[:2])["params"]["layers_0"]["kernel"]
+  assert float(jnp.max(jnp.abs(params["layers_0"]["kernel"] - initial))) > 0.1  # it did train
+  rng = jax.random.PRNGKey(3)
+  x, log_p = model.sample_and_log_prob(rng, (2, 5))
+  linen_x, linen_log_p = linen.apply({"params": params}, rng, (2, 5), method="sample_and_log_prob")
+  np.testing.assert_allclose(x, linen_x, rtol=1e-9)
+  np.testing.assert_allclose(log_p, linen_log_p, rtol=1e-9)
+
+
+class WithState(nnx.Module):
+  """A flow next to a layer, and a non-Param variable the loss updates on every call."""
+
+  def __init__(self, rngs):
+    self.flow = frn.FlowMLP(3, 2, rngs=rngs)
+    self.scale = nnx.Linear(3, 3, rngs=rngs)
+    self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.calls[...] += 1
+    return self.flow.log_prob(x + 0.0 * self.scale(x))
+
+
+def test_any_batch_size_no_state_left_in_the_model():
+  """Under nnx.jit, batches of several sizes: no error, the model holds nothing but its own
+  variables after each step, and the loss's state update is applied once per step (the
+  shape-only discovery pass leaves no trace)."""
+  model = WithState(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  before = nnx.state(model, nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    loss, grads = frn.value_and_relative_grad(lambda m, x: -m(x).mean())(model, x)
+    optimizer.update(model, grads)
+    return loss
+
+  for index, batch in enumerate((16, 32, 1, 16)):
+    loss = step(model, optimizer, jax.random.normal(jax.random.PRNGKey(batch), (batch, 3)))
+    assert jnp.isfinite(loss)
+    assert set(flat(nnx.state(model, nnx.Not(nnx.Param)))) == {"calls"}
+    assert int(model.calls[...]) == index + 1
+  assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(before)
+
+
+def test_misuse_fails_loudly():
+  model = frn.FlowMLP(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.ones((4, 3))
+  outside = frn.FlowDense(3, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="not an attribute of the model"):
+    frn.value_and_relative_grad(lambda m, x: nll(m, outside(x)))(model, x)
+  with pytest.raises(ValueError, match="runs a flow layer backwards"):
+    frn.value_and_relative_grad(lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean())(model, x)
+  with pytest.raises(ValueError, match="never uses its log"):
+    frn.value_and_relative_grad(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
+  with pytest.raises(ValueError, match=r"D = 3 \(3×3 kernels\) but got inputs of shape \(4, 5\)"):
+    model.log_prob(jnp.ones((4, 5)))
+  with pytest.raises(ValueError, match=r"empty inputs of shape \(0, 3\)"):
+    frn.value_and_relative_grad(nll)(model, jnp.ones((0, 3)))
+
+
+def test_stacked_flows_under_nnx_vmap_are_refused():
+  """Layers stacked by nnx.vmap are copies the model does not hold: refused, not mis-updated."""
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return frn.FlowMLP(3, 1, rngs=rngs)
+
+  flows = make(nnx.Rngs(0))
+  log_prob = nnx.vmap(lambda flow, x: flow.log_prob(x), in_axes=(0, None), out_axes=0)
+  with pytest.raises(ValueError, match="not an attribute of the model passed"):
+    frn.value_and_relative_grad(lambda m, x: -log_prob(m, x).mean())(flows, jnp.ones((4, 3)))
+
+
+def test_step_time_benchmark_runs(capsys):
+  from experiments.scaling import nnx_vs_linen  # pylint: disable=g-import-not-at-top
+  nnx_vs_linen.main(["--width=4", "--batch_size=3", "--repetitions=1", "--steps=1"])
+  output = capsys.readouterr().out
+  assert "ratio nnx / linen = " in output and "ratio nnx_cached / linen = " in output
