@@ -1,20 +1,24 @@
 """flax_relgrad: exact maximum-likelihood training of dense flows with relative gradients."""
 
-from flax_relgrad.activations import Activation, SmoothLeakyReLU
-from flax_relgrad.conditional import ConditionalFlowMLP, ModulationHead
-from flax_relgrad.fit import FitResult, fit, relative_update
-from flax_relgrad.flow import (
-    BASES,
-    LOG_ABS_DET,
-    PREACTIVATION,
-    DiagonalGaussian,
-    FlowDense,
-    FlowMLP,
-    kernel_log_abs_det,
-    near_identity,
-    standard_normal_log_prob,
-)
-from flax_relgrad.objectives import nll, value_and_exact_grad, value_and_relative_grad
+from flax_relgrad.activations import Activation
+from flax_relgrad.activations import SmoothLeakyReLU
+from flax_relgrad.conditional import ConditionalFlowMLP
+from flax_relgrad.conditional import ModulationHead
+from flax_relgrad.fit import FitResult
+from flax_relgrad.fit import fit
+from flax_relgrad.fit import relative_update
+from flax_relgrad.flow import BASES
+from flax_relgrad.flow import LOG_ABS_DET
+from flax_relgrad.flow import PREACTIVATION
+from flax_relgrad.flow import DiagonalGaussian
+from flax_relgrad.flow import FlowDense
+from flax_relgrad.flow import FlowMLP
+from flax_relgrad.flow import kernel_log_abs_det
+from flax_relgrad.flow import near_identity
+from flax_relgrad.flow import standard_normal_log_prob
+from flax_relgrad.objectives import nll
+from flax_relgrad.objectives import value_and_exact_grad
+from flax_relgrad.objectives import value_and_relative_grad
 from flax_relgrad.relative import relative_layer_update
 
 __all__ = [

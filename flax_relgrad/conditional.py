@@ -22,22 +22,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.activations import Activation, SmoothLeakyReLU
-from flax_relgrad.flow import (
-    DiagonalGaussian,
-    Dtype,
-    GaussianParams,
-    Initializer,
-    Modulation,
-    check_base,
-    check_vectors,
-    gaussian_log_prob,
-    gaussian_sample,
-    make_layers,
-    sample_shape_tuple,
-    stack_forward,
-    stack_inverse,
-)
+from flax_relgrad.activations import Activation
+from flax_relgrad.activations import SmoothLeakyReLU
+from flax_relgrad.flow import DiagonalGaussian
+from flax_relgrad.flow import Dtype
+from flax_relgrad.flow import GaussianParams
+from flax_relgrad.flow import Initializer
+from flax_relgrad.flow import Modulation
+from flax_relgrad.flow import check_base
+from flax_relgrad.flow import check_vectors
+from flax_relgrad.flow import gaussian_log_prob
+from flax_relgrad.flow import gaussian_sample
+from flax_relgrad.flow import make_layers
+from flax_relgrad.flow import sample_shape_tuple
+from flax_relgrad.flow import stack_forward
+from flax_relgrad.flow import stack_inverse
 
 
 class ModulationHead(nn.Module):

@@ -3,7 +3,7 @@
 Same maths as the Linen modules (row-vector convention, y = z W + b; see `flax_relgrad.flow`),
 as `nnx.Module`s that own their parameters: `FlowDense(width, rngs=...)` and
 `FlowMLP(width, num_layers, ..., rngs=...)`. A training step in the idiom of the Flax NNX
-examples:
+examples::
 
     model = frn.FlowMLP(16, num_layers=2, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
@@ -29,35 +29,40 @@ import, which a Linen user need not pay. Import it as `flax_relgrad.nnx`.
 
 from __future__ import annotations
 
-import contextlib
+import flax
+
+if tuple(int(part) for part in flax.__version__.split(".")[:2]) < (0, 12):
+  raise ImportError(f"flax_relgrad.nnx needs flax >= 0.12 (Flax NNX's current API), found flax {flax.__version__}.")
+
+import contextlib  # noqa: E402
 import contextvars
 from typing import Any, Callable, Iterator, Sequence
 
+from flax import nnx
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from flax_relgrad.activations import Activation, SmoothLeakyReLU
-from flax_relgrad.flow import (
-    LOG_ABS_DET,
-    PREACTIVATION,
-    Dtype,
-    GaussianParams,
-    Initializer,
-    check_base,
-    check_vectors,
-    dense_forward_and_log_det,
-    dense_inverse,
-    factorisation_dtype,
-    gaussian_log_prob,
-    gaussian_sample,
-    kernel_log_abs_det,
-    sample_shape_tuple,
-    stack_forward,
-    stack_inverse,
-)
-from flax_relgrad.objectives import _check_scalar_loss, _placeholders
+from flax_relgrad.activations import Activation
+from flax_relgrad.activations import SmoothLeakyReLU
+from flax_relgrad.flow import LOG_ABS_DET
+from flax_relgrad.flow import PREACTIVATION
+from flax_relgrad.flow import Dtype
+from flax_relgrad.flow import GaussianParams
+from flax_relgrad.flow import Initializer
+from flax_relgrad.flow import check_base
+from flax_relgrad.flow import check_vectors
+from flax_relgrad.flow import dense_forward_and_log_det
+from flax_relgrad.flow import dense_inverse
+from flax_relgrad.flow import factorisation_dtype
+from flax_relgrad.flow import gaussian_log_prob
+from flax_relgrad.flow import gaussian_sample
+from flax_relgrad.flow import kernel_log_abs_det
+from flax_relgrad.flow import sample_shape_tuple
+from flax_relgrad.flow import stack_forward
+from flax_relgrad.flow import stack_inverse
+from flax_relgrad.objectives import _check_scalar_loss
+from flax_relgrad.objectives import _placeholders
 from flax_relgrad.relative import relative_gradients
 
 PyTree = Any
@@ -317,7 +322,7 @@ def value_and_relative_grad(
 
   `loss_fn(model, *args, **kwargs)` computes a scalar loss (or `(loss, aux)` with
   `has_aux=True`) from the model: any methods, flows anywhere in its tree next to ordinary
-  layers (a learned base, an encoder, ...). The returned function
+  layers (a learned base, an encoder, ...). The returned function::
 
       (model, *args, **kwargs) -> (value, grads)
 

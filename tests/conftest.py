@@ -5,11 +5,15 @@ which need the `experiments` extra, are in `programs/` (`python -m pytest --igno
 runs the library's alone).
 """
 
+import flax
 import jax
 import jax.numpy as jnp
 import pytest
 
 import flax_relgrad as fr
+
+HAS_NNX = tuple(int(part) for part in flax.__version__.split(".")[:2]) >= (0, 12)
+"""Whether this flax has the NNX API that `flax_relgrad.nnx` needs (flax >= 0.12)."""
 
 if hasattr(jax, "enable_x64"):
   enable_x64 = jax.enable_x64
