@@ -4,9 +4,9 @@
     python -m experiments.scaling.nnx_vs_linen --width=784 --batch_size=100 --repetitions=9
 
 Both steps train the same `FlowMLP` (L layers, SmoothLeakyReLU(α), float32, orthogonal init)
-with Adam on the relative gradient, on one fixed batch (B, D):
+with Adam on their relative gradients, on one fixed batch (B, D):
 
-- ``linen``: `jax.jit` of `value_and_relative_grad` + `tx.update` + `apply_updates`;
+- ``linen``: `jax.jit` of `value_and_relative_grad(model, nll)` + `tx.update` + `apply_updates`;
 - ``nnx``: the idiom of the Flax NNX examples, `nnx.jit` of
   `flax_relgrad.nnx.value_and_relative_grad` + `nnx.Optimizer.update(model, grads)`
   (its Python-side graph traversal on every call included);
