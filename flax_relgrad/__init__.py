@@ -20,6 +20,7 @@ from flax_relgrad.objectives import nll
 from flax_relgrad.objectives import value_and_exact_grad
 from flax_relgrad.objectives import value_and_relative_grad
 from flax_relgrad.relative import relative_layer_update
+from flax_relgrad.splines import RationalQuadraticSpline
 
 __all__ = [
     "Activation",
@@ -32,6 +33,7 @@ __all__ = [
     "LOG_ABS_DET",
     "ModulationHead",
     "PREACTIVATION",
+    "RationalQuadraticSpline",
     "SmoothLeakyReLU",
     "fit",
     "kernel_log_abs_det",

@@ -8,6 +8,8 @@ Row-vector convention (docs/method.md §1). For inputs x of shape (..., D):
     log p(x) = Σ_i log N(z_L,i; 0, 1) + Σ_{k<L} Σ_i log σ'(y_k,i) + Σ_k log|det W_k|.
 
 with N(0, 1) the default base; `base="diagonal_gaussian"` learns N(loc_i, exp(log_scale_i)²).
+`spline_bins=K` inserts a learned elementwise spline before every layer (z_{k-1} ← s_k(z_{k-1}),
+adding Σ_i log s_k,i' to log p; see `flax_relgrad.splines`).
 
 Relative-gradient bookkeeping. `FlowDense` is the only place where it happens, and it is
 invisible in a plain `model.apply`. Inside :func:`flax_relgrad.value_and_relative_grad`
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 
 from flax_relgrad.activations import Activation
 from flax_relgrad.activations import SmoothLeakyReLU
+from flax_relgrad.splines import RationalQuadraticSpline
 
 PREACTIVATION = "preactivation"
 """Name under which a flow layer sows y (`intermediates`) and keeps its δ (`perturbations`)."""
@@ -219,15 +222,20 @@ def stack_forward(
     activation: Activation,
     x: jax.Array,
     modulations: Sequence[Modulation] | None = None,
+    splines: Sequence[RationalQuadraticSpline] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """z and the example-dependent part of log|det ∂z/∂x| of a dense stack, shape x.shape[:-1].
 
-  That part is Σ_{k<L} Σ_i log σ'(y_k,i) plus Σ_k Σ_i log_scale_k,i for modulated layers;
-  the kernels' Σ_k log|det W_k| is not included.
+  That part is Σ_{k<L} Σ_i log σ'(y_k,i), plus Σ_k Σ_i log_scale_k,i for modulated layers
+  and Σ_k Σ_i log s_k,i'(·) for splines (spline k acts on layer k's input); the kernels'
+  Σ_k log|det W_k| is not included.
   """
   z = x
   log_det = jnp.zeros(x.shape[:-1], x.dtype)
   for index, layer in enumerate(layers):
+    if splines is not None:
+      z, spline_log_det = splines[index].forward_and_log_det(z)
+      log_det = log_det + spline_log_det
     y = layer(z)
     if modulations is not None:
       shift, log_scale = modulations[index]
@@ -246,9 +254,11 @@ def stack_inverse(
     activation: Activation,
     z: jax.Array,
     modulations: Sequence[Modulation] | None = None,
+    splines: Sequence[RationalQuadraticSpline] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """x = g⁻¹(z) of a dense stack (linear solves and Newton-inverted activations), and the
-  same example-dependent part of log|det ∂z/∂x| at x that `stack_forward` returns."""
+  """x = g⁻¹(z) of a dense stack (linear solves, Newton-inverted activations, closed-form
+  spline inverses), and the same example-dependent part of log|det ∂z/∂x| at x that
+  `stack_forward` returns."""
   y = z
   log_det = jnp.zeros(z.shape[:-1], z.dtype)
   for index in reversed(range(len(layers))):
@@ -261,6 +271,9 @@ def stack_inverse(
       y = (y - shift) * jnp.exp(-log_scale)
       log_det = log_det + log_scale.sum(-1)
     y = layers[index].inverse(y)
+    if splines is not None:
+      y = splines[index].inverse(y)
+      log_det = log_det + splines[index].forward_and_log_det(y)[1]
   return y, log_det
 
 
@@ -341,6 +354,11 @@ class FlowMLP(nn.Module):
     param_dtype: dtype of the parameters (bfloat16 works: factorisations run in float32).
     base: the base density, "normal" (N(0, I), no params) or "diagonal_gaussian" (params
       `base_distribution/loc` and `base_distribution/log_scale`, see `BASES`).
+    spline_bins: K > 0 puts a learned elementwise `RationalQuadraticSpline` with K bins
+      before every dense layer (params `splines_k`, identity at init; O(D·K) per example);
+      0 (default): none.
+    spline_bound: the splines' interval [−B, B] (identity outside it); it should cover the
+      bulk of each layer's input (e.g. ±14 for MNIST in logit space).
   """
 
   num_layers: int = 2
@@ -349,10 +367,18 @@ class FlowMLP(nn.Module):
   kernel_init: Initializer = nn.initializers.orthogonal()
   param_dtype: Dtype = jnp.float32
   base: str = "normal"
+  spline_bins: int = 0
+  spline_bound: float = 4.0
 
   def setup(self):
     check_base(self.base)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
+    if self.spline_bins < 0:
+      raise ValueError(f"spline_bins must be >= 0 (0: no splines), got {self.spline_bins}.")
+    self.splines = [
+        RationalQuadraticSpline(self.spline_bins, self.spline_bound, self.param_dtype)
+        for _ in range(self.num_layers)
+    ] if self.spline_bins else None
     if self.base == "diagonal_gaussian":
       self.base_distribution = DiagonalGaussian(self.param_dtype)
 
@@ -361,7 +387,8 @@ class FlowMLP(nn.Module):
     return self.forward_and_activation_log_det(x)[0]
 
   def forward_and_activation_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Latent z (..., D) and the activations' log-det Σ_{k<L} Σ_i log σ'(y_k,i), shape (...).
+    """Latent z (..., D) and the elementwise parts' log-det, shape (...): the activations'
+    Σ_{k<L} Σ_i log σ'(y_k,i), plus the splines' Σ_k Σ_i log s_k,i'(·) if there are any.
 
     This is the part of log|det ∂z/∂x| that depends on the example; the kernels' part
     Σ_k log|det W_k| is `kernel_log_abs_det()`.
@@ -369,7 +396,7 @@ class FlowMLP(nn.Module):
     check_vectors(x, width=self._width())
     if self.is_initializing():
       self._base_params(x.shape[-1])  # creates a learned base's params
-    return stack_forward(self.layers, self.activation, x)
+    return stack_forward(self.layers, self.activation, x, splines=self.splines)
 
   def kernel_log_abs_det(self) -> jax.Array:
     """Σ_k log|det W_k| (a scalar): O(L·D³) in a plain apply, free in the relative pass."""
@@ -392,12 +419,12 @@ class FlowMLP(nn.Module):
   def inverse(self, z: jax.Array) -> jax.Array:
     """Latent z (..., D) → data x (..., D): linear solves and Newton-inverted activations."""
     check_vectors(z, "latents", self._width())
-    return stack_inverse(self.layers, self.activation, z)[0]
+    return stack_inverse(self.layers, self.activation, z, splines=self.splines)[0]
 
   def inverse_and_log_det(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Data x = g⁻¹(z) (..., D) and log|det ∂x/∂z| per latent, shape (...)."""
     check_vectors(z, "latents", self._width())
-    x, activation_log_det = stack_inverse(self.layers, self.activation, z)
+    x, activation_log_det = stack_inverse(self.layers, self.activation, z, splines=self.splines)
     return x, -(activation_log_det + self.kernel_log_abs_det())
 
   def sample(self, rng: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:

@@ -64,6 +64,11 @@ from flax_relgrad.flow import stack_inverse
 from flax_relgrad.objectives import _check_scalar_loss
 from flax_relgrad.objectives import _placeholders
 from flax_relgrad.relative import relative_gradients
+from flax_relgrad.splines import Knots
+from flax_relgrad.splines import check_spline_settings
+from flax_relgrad.splines import spline_forward_and_log_det
+from flax_relgrad.splines import spline_inverse
+from flax_relgrad.splines import spline_knots
 
 PyTree = Any
 Path = tuple[Any, ...]
@@ -208,6 +213,41 @@ class DiagonalGaussian(nnx.Module):
     return self.loc[...], self.log_scale[...]
 
 
+class RationalQuadraticSpline(nnx.Module):
+  """A learned monotone rational-quadratic spline on every coordinate, identity outside
+  [−bound, bound] (NNX twin of `flax_relgrad.RationalQuadraticSpline`; identity at init).
+
+  Args:
+    width: D.
+    num_bins: K, spline segments per coordinate.
+    bound: B > 0.
+    param_dtype: dtype of the parameters `widths`, `heights` (D, K), `derivatives` (D, K − 1).
+  """
+
+  def __init__(self, width: int, num_bins: int = 8, bound: float = 4.0, *, param_dtype: Dtype = jnp.float32):
+    check_spline_settings(num_bins, bound)
+    self.bound = bound
+    self.widths = nnx.Param(jnp.zeros((width, num_bins), param_dtype))
+    self.heights = nnx.Param(jnp.zeros((width, num_bins), param_dtype))
+    self.derivatives = nnx.Param(jnp.zeros((width, num_bins - 1), param_dtype))
+
+  def knots(self) -> Knots:
+    """Knot positions x, y and derivatives, each (D, K + 1)."""
+    return spline_knots(self.widths[...], self.heights[...], self.derivatives[...], self.bound)
+
+  def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """s(x) (..., D) and Σ_i log s_i'(x_i) per example, shape (...)."""
+    return spline_forward_and_log_det(self.knots(), self.bound, x)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """s(x), (..., D)."""
+    return self.forward_and_log_det(x)[0]
+
+  def inverse(self, y: jax.Array) -> jax.Array:
+    """s⁻¹(y), (..., D), in closed form."""
+    return spline_inverse(self.knots(), self.bound, y)
+
+
 class FlowMLP(nnx.Module):
   """A dense normalizing flow (NNX): `num_layers` square D×D layers, activations in between.
 
@@ -224,6 +264,9 @@ class FlowMLP(nnx.Module):
     param_dtype: dtype of the parameters.
     base: "normal" (N(0, I)) or "diagonal_gaussian" (learned `base_distribution.loc` and
       `.log_scale`, ordinary params next to the flow layers).
+    spline_bins: K > 0 puts a learned `RationalQuadraticSpline` with K bins before every
+      dense layer (`splines[k]`, identity at init); 0 (default): none.
+    spline_bound: the splines' interval [−B, B] (identity outside it).
     rngs: the `nnx.Rngs` that draw the initial kernels.
   """
 
@@ -237,10 +280,14 @@ class FlowMLP(nnx.Module):
       kernel_init: Initializer = nnx.initializers.orthogonal(),
       param_dtype: Dtype = jnp.float32,
       base: str = "normal",
+      spline_bins: int = 0,
+      spline_bound: float = 4.0,
       rngs: nnx.Rngs,
   ):
     if num_layers < 1:
       raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
+    if spline_bins < 0:
+      raise ValueError(f"spline_bins must be >= 0 (0: no splines), got {spline_bins}.")
     check_base(base)
     self.width = width
     self.activation = activation
@@ -248,6 +295,10 @@ class FlowMLP(nnx.Module):
         FlowDense(width, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype, rngs=rngs)
         for _ in range(num_layers)
     ])
+    self.splines = nnx.List([
+        RationalQuadraticSpline(width, spline_bins, spline_bound, param_dtype=param_dtype)
+        for _ in range(num_layers)
+    ]) if spline_bins else None
     self.base_distribution = DiagonalGaussian(width, param_dtype=param_dtype) if base == "diagonal_gaussian" else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -255,9 +306,10 @@ class FlowMLP(nnx.Module):
     return self.forward_and_activation_log_det(x)[0]
 
   def forward_and_activation_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Latent z (..., D) and Σ_{k<L} Σ_i log σ'(y_k,i), shape (...)."""
+    """Latent z (..., D) and the elementwise parts' log-det Σ_{k<L} Σ_i log σ'(y_k,i) (plus
+    the splines'), shape (...)."""
     check_vectors(x, width=self.width)
-    return stack_forward(self.layers, self.activation, x)
+    return stack_forward(self.layers, self.activation, x, splines=self.splines)
 
   def kernel_log_abs_det(self) -> jax.Array:
     """Σ_k log|det W_k| (a scalar): O(L·D³) outside the relative pass, free in it."""
@@ -280,12 +332,12 @@ class FlowMLP(nnx.Module):
   def inverse(self, z: jax.Array) -> jax.Array:
     """Latent z (..., D) → data x (..., D): linear solves and Newton-inverted activations."""
     check_vectors(z, "latents", self.width)
-    return stack_inverse(self.layers, self.activation, z)[0]
+    return stack_inverse(self.layers, self.activation, z, splines=self.splines)[0]
 
   def inverse_and_log_det(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Data x = g⁻¹(z) (..., D) and log|det ∂x/∂z| per latent, shape (...)."""
     check_vectors(z, "latents", self.width)
-    x, activation_log_det = stack_inverse(self.layers, self.activation, z)
+    x, activation_log_det = stack_inverse(self.layers, self.activation, z, splines=self.splines)
     return x, -(activation_log_det + self.kernel_log_abs_det())
 
   def sample(self, rng: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:

@@ -142,6 +142,9 @@ CASES = {
     "flow_and_learned_base": lambda: (FlowWithLearnedBase(), (normal(1, (7, 4)),), 2, 2),
     "flowmlp_diagonal_gaussian_base": lambda: (
         fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"), (normal(8, (7, 4)),), 2, 2),
+    "flowmlp_splines": lambda: (  # 3 splines × (widths, heights, derivatives) + the base
+        fr.FlowMLP(3, fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian", spline_bins=4,
+                   spline_bound=1.5), (normal(9, (7, 4)),), 3, 11),
     "two_flows": lambda: (TwoFlows(), (normal(2, (6, 3)),), 3, 2),
     "conditional_with_bias": lambda: (conditional(True), (normal(3, (9, 3)), normal(4, (9, 2))), 2, 4),
     "conditional_without_bias": lambda: (conditional(False), (normal(3, (9, 3)), normal(4, (9, 2))), 2, 4),

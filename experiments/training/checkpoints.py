@@ -32,7 +32,8 @@ def _is_abandoned_read(record: std_logging.LogRecord) -> bool:
 
 std_logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_read(record))
 
-MODEL_FIELDS = ("data_source", "dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam")
+MODEL_FIELDS = ("data_source", "dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam", "spline_bins",
+                "spline_bound")
 """Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 
 

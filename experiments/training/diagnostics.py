@@ -6,7 +6,7 @@ from experiments.types import PyTree
 
 
 def kernel_diagnostics(params: PyTree) -> dict[str, float]:
-  """Per-layer log|det W| and condition number, from the eigenvalues of WᵀW in float64.
+  """Per dense layer, log|det W| and the condition number, from the eigenvalues of WᵀW in float64.
 
   O(D³) each: for evaluations only. (Squaring the singular values is accurate enough in
   float64 for the condition numbers a trainable flow has; eigenvalues that round below 0 are
@@ -14,6 +14,8 @@ def kernel_diagnostics(params: PyTree) -> dict[str, float]:
   """
   diagnostics = {}
   for name, layer in params.items():
+    if "kernel" not in layer:  # splines, a learned base: no kernel
+      continue
     kernel = np.asarray(layer["kernel"], np.float64)
     singular_values = np.sqrt(np.maximum(np.linalg.eigvalsh(kernel.T @ kernel), 0.0))
     with np.errstate(divide="ignore"):

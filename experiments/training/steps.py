@@ -52,6 +52,9 @@ def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
       activation=fr.SmoothLeakyReLU(config.alpha),
       use_bias=config.use_bias,
       kernel_init=kernel_inits[config.kernel_init],
+      # .get: a workdir's config.json from before splines existed has neither field.
+      spline_bins=config.get("spline_bins", 0),
+      spline_bound=config.get("spline_bound", 4.0),
   )
 
 

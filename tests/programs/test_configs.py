@@ -13,6 +13,7 @@ from experiments.training import data
 from experiments.training import evaluation
 from experiments.training import loop
 from experiments.training import sources
+from experiments.training.diagnostics import kernel_diagnostics
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # test_mnist.py runs the MNIST default end to end, through test.py (the default, smaller).
@@ -55,4 +56,6 @@ def test_shipped_config_builds_and_trains_a_few_steps(module, maf_release_dir, t
   state = run.train_chunk(run.make_initial_state(), chunk, 0)
   assert int(state.step) == 2 and np.isfinite(float(state.loss_sum))
   metrics = evaluation.evaluate(run.eval_step, state.params, validation_y, config.eval_batch_size)
+  diagnostics = kernel_diagnostics(state.params)
+  assert len(diagnostics) == 2 * config.num_layers and all(np.isfinite(v) for v in diagnostics.values())
   assert np.isfinite(metrics["ll"])  # Pictures: drawn in the end-to-end tests of each source.
