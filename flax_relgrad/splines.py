@@ -90,7 +90,13 @@ def check_spline_settings(num_bins: int, bound: float) -> None:
 
 
 def spline_knots(widths: jax.Array, heights: jax.Array, derivatives: jax.Array, bound: float) -> Knots:
-  """The knots from the raw parameters: `widths`, `heights` (D, K), `derivatives` (D, K − 1)."""
+  """The knots from the raw parameters: `widths`, `heights` (D, K), `derivatives` (D, K − 1).
+
+  Computed in at least float32: in bfloat16 the cumulative sums would round neighbouring
+  knots together (zero-width bins).
+  """
+  dtype = jnp.promote_types(widths.dtype, jnp.float32)
+  widths, heights, derivatives = widths.astype(dtype), heights.astype(dtype), derivatives.astype(dtype)
   shift = math.log(math.expm1(1.0 - MIN_DERIVATIVE))  # softplus(shift) + MIN_DERIVATIVE = 1
   interior = MIN_DERIVATIVE + jax.nn.softplus(derivatives + shift)
   ones = jnp.ones((widths.shape[0], 1), interior.dtype)
@@ -108,10 +114,13 @@ def _cumulative(logits: jax.Array, bound: float) -> jax.Array:
 
 
 def spline_forward_and_log_det(knots: Knots, bound: float, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """s(x) (..., D) and Σ_i log s_i'(x_i), shape (...), of the splines with these knots."""
+  """s(x) (..., D) and Σ_i log s_i'(x_i), shape (...), of the splines with these knots.
+
+  Computed in the knots' dtype (at least float32), returned in x's.
+  """
   knots_x, knots_y, derivatives = knots
   inside = jnp.abs(x) < bound
-  t = jnp.where(inside, x, 0.0)  # out-of-range values take the identity branch below
+  t = jnp.where(inside, x, 0.0).astype(knots_x.dtype)  # out-of-range values take the identity branch below
   x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_index(knots_x, t))
   slope = h / w
   xi = (t - x_k) / w
@@ -120,14 +129,15 @@ def spline_forward_and_log_det(knots: Knots, bound: float, x: jax.Array) -> tupl
   y = y_k + h * (slope * xi * xi + d_k * xi_1m) / denominator
   numerator = d_k1 * xi * xi + 2.0 * slope * xi_1m + d_k * jnp.square(1.0 - xi)
   log_derivative = 2.0 * jnp.log(slope) + jnp.log(numerator) - 2.0 * jnp.log(denominator)
-  return jnp.where(inside, y, x), jnp.where(inside, log_derivative, 0.0).sum(-1)
+  log_det = jnp.where(inside, log_derivative, 0.0).sum(-1)
+  return jnp.where(inside, y.astype(x.dtype), x), log_det.astype(x.dtype)
 
 
 def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
   """s⁻¹(y) (..., D) of the splines with these knots, in closed form."""
   knots_x, knots_y, derivatives = knots
   inside = jnp.abs(y) < bound
-  t = jnp.where(inside, y, 0.0)
+  t = jnp.where(inside, y, 0.0).astype(knots_x.dtype)
   x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_index(knots_y, t))
   slope = h / w
   offset = t - y_k
@@ -137,7 +147,7 @@ def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
   c = -slope * offset
   discriminant = jnp.maximum(b * b - 4.0 * a * c, 0.0)
   xi = 2.0 * c / (-b - jnp.sqrt(discriminant))  # the stable root, also for a = 0
-  return jnp.where(inside, x_k + xi * w, y)
+  return jnp.where(inside, (x_k + xi * w).astype(y.dtype), y)
 
 
 def _bin_index(knots: jax.Array, t: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from experiments.training import config as config_lib
 from experiments.training import data
 from experiments.training import diagnostics
 from experiments.training import evaluation
+from experiments.training import layer_report
 from experiments.training import parallel
 from experiments.training import pictures
 from experiments.training import sources
@@ -260,5 +261,18 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   run = Run(config, os.path.abspath(workdir), sources.load_source(config))
   try:
     return run.test_best()
+  finally:
+    run.close()
+
+
+def report_layers(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The best checkpoint's per-layer log-likelihood terms on the validation split, as a table
+  (`layer_report`)."""
+  config_lib.validate_config(config)
+  run = Run(config, os.path.abspath(workdir), sources.load_source(config))
+  try:
+    step, params = run.checkpoints.restore_best_params(run.abstract_state().params)
+    rows, base = layer_report.layer_report(run.model, params, run.validation_y())
+    return f"best checkpoint (step {step}), validation split:\n{layer_report.describe(rows, base)}"
   finally:
     run.close()

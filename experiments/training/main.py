@@ -36,9 +36,10 @@ def _quiet_unraisable_hook(unraisable) -> None:
 def run(default_config: str) -> None:
   """Defines the flags (`--config` defaulting to `default_config`) and runs the program."""
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and pictures.")
-  flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
+  flags.DEFINE_enum("mode", "train", ["train", "evaluate", "layers"],
                     "train: train (resuming if the workdir has a checkpoint), then test the best "
-                    "checkpoint; evaluate: only test the best checkpoint.")
+                    "checkpoint; evaluate: only test the best checkpoint; layers: print the best "
+                    "checkpoint's log-likelihood terms per layer on the validation split.")
   config_flags.DEFINE_config_file("config", default_config, "Training configuration file.", lock_config=True)
   flags.mark_flags_as_required(["workdir"])
 
@@ -48,6 +49,11 @@ def run(default_config: str) -> None:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     parallel.initialize_distributed(config)
+    if flags.FLAGS.mode == "layers":
+      report = loop.report_layers(config, workdir)
+      if jax.process_index() == 0:
+        print(report)
+      return
     if flags.FLAGS.mode == "train":
       metrics = loop.train_and_evaluate(config, workdir)
     else:

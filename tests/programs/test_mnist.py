@@ -279,3 +279,26 @@ def test_load_run_reproduces_the_test_likelihood(finished_run):
   np.testing.assert_allclose(float(log_p.mean()), metrics["ll"], rtol=1e-5)
   with pytest.raises(FileNotFoundError, match="is not the --workdir of a training run"):
     load_run(str(workdir / "nowhere"))
+
+
+def test_layer_report_terms_add_up_to_the_log_likelihood():
+  """With splines, on random parameters: the per-layer terms and log N(z) sum to log p."""
+  from experiments.training import layer_report  # pylint: disable=g-import-not-at-top
+  model = steps.create_model(mock_config(num_layers=3, spline_bins=4, spline_bound=3.0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (50, 6))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  params = jax.tree_util.tree_map(lambda p: p + 0.2 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  rows, base = layer_report.layer_report(model, params, x)
+  total = base + sum(r.spline_log_det + r.kernel_log_abs_det + r.activation_log_det for r in rows)
+  log_p = model.apply({"params": params}, x, method="log_prob")
+  np.testing.assert_allclose(total, float(log_p.mean()), rtol=1e-5)
+  assert len(rows) == 3 and rows[-1].activation_log_det == 0.0 and all(r.spline_log_det != 0.0 for r in rows)
+  assert all(r.condition >= 1.0 for r in rows)
+
+
+def test_layers_mode_reports_the_best_checkpoint(finished_run):
+  config, workdir, metrics = finished_run
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    report = loop.report_layers(config, str(workdir))
+  assert f"best checkpoint (step {metrics['step']})" in report
+  assert len(report.splitlines()) == 2 + config.num_layers + 1

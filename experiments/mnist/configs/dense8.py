@@ -1,6 +1,6 @@
 """8-layer dense flow: `dense4_long`'s optimiser (Adam 5e-4, 4000 warm-up steps, cosine decay,
 global-norm clipping at 5e4) with α = 0.5 and 100 epochs: test 1.753 bits/dim in 52 minutes on
-a 2-core CPU, the best row of the README's MNIST table (α = 0.5 was chosen by the recipe probe
+a 2-core CPU, the best spline-free row of the README's MNIST table (α = 0.5 was chosen by the recipe probe
 listed there).
 `python -m experiments.mnist --workdir=runs/dense8 --config=experiments/mnist/configs/dense8.py`."""
 
