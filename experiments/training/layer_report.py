@@ -15,9 +15,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import flax_relgrad as fr
+from experiments.training import diagnostics
 from experiments.types import PyTree
 
 
@@ -55,11 +55,12 @@ def _terms(module: fr.FlowMLP, x: jax.Array) -> tuple[list[tuple[jax.Array, ...]
 def layer_report(model: fr.FlowMLP, params: PyTree, x: jax.Array) -> tuple[list[LayerTerms], float]:
   """The per-layer terms of `model` (a FlowMLP) on examples x (N, D), and the mean log N(z)."""
   rows, base = jax.jit(lambda p, x: model.apply({"params": p}, x, method=_terms))(params, x)
-  report = []
-  for index, (spline, kernel, activation, std) in enumerate(rows):
-    singular_values = np.linalg.svd(np.asarray(params[f"layers_{index}"]["kernel"], np.float64), compute_uv=False)
-    report.append(LayerTerms(float(spline), float(kernel), float(activation), float(std),
-                             float(singular_values[0] / singular_values[-1])))
+  conditions = diagnostics.kernel_diagnostics(params)
+  report = [
+      LayerTerms(float(spline), float(kernel), float(activation), float(std),
+                 conditions[f"kernels/layers_{index}/condition"])
+      for index, (spline, kernel, activation, std) in enumerate(rows)
+  ]
   return report, float(base)
 
 
