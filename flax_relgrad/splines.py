@@ -121,7 +121,7 @@ def spline_forward_and_log_det(knots: Knots, bound: float, x: jax.Array) -> tupl
   knots_x, knots_y, derivatives = knots
   inside = jnp.abs(x) < bound
   t = jnp.where(inside, x, 0.0).astype(knots_x.dtype)  # out-of-range values take the identity branch below
-  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_index(knots_x, t))
+  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_one_hot(knots_x, t))
   slope = h / w
   xi = (t - x_k) / w
   xi_1m = xi * (1.0 - xi)
@@ -138,7 +138,7 @@ def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
   knots_x, knots_y, derivatives = knots
   inside = jnp.abs(y) < bound
   t = jnp.where(inside, y, 0.0).astype(knots_x.dtype)
-  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_index(knots_y, t))
+  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_one_hot(knots_y, t))
   slope = h / w
   offset = t - y_k
   curvature = d_k + d_k1 - 2.0 * slope
@@ -150,11 +150,11 @@ def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
   return jnp.where(inside, (x_k + xi * w).astype(y.dtype), y)
 
 
-def _bin_index(knots: jax.Array, t: jax.Array) -> jax.Array:
+def _bin_one_hot(knots: jax.Array, t: jax.Array) -> jax.Array:
   """One-hot (..., D, K) of the bin [knots_k, knots_{k+1}) holding each t (..., D).
 
-  A one-hot (rather than an index and a gather) keeps the gradient with respect to the knots
-  a dense product instead of a scatter, which is much faster on CPUs.
+  Selecting with a one-hot product (rather than an index and a gather) makes the gradient
+  with respect to the knots a dense product instead of a scatter.
   """
   num_bins = knots.shape[-1] - 1
   index = (t[..., None] >= knots[..., 1:-1]).sum(-1)
