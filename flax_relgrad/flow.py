@@ -297,6 +297,11 @@ def check_base(base: str) -> None:
     raise ValueError(f"base must be one of {BASES}, got {base!r}.")
 
 
+def check_spline_bins(spline_bins: int) -> None:
+  if spline_bins < 0:
+    raise ValueError(f"spline_bins must be >= 0 (0: no splines), got {spline_bins}.")
+
+
 class DiagonalGaussian(nn.Module):
   """The learned base N(loc, diag(exp(2·log_scale))): params `loc` and `log_scale`, (D,).
 
@@ -373,8 +378,7 @@ class FlowMLP(nn.Module):
   def setup(self):
     check_base(self.base)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
-    if self.spline_bins < 0:
-      raise ValueError(f"spline_bins must be >= 0 (0: no splines), got {self.spline_bins}.")
+    check_spline_bins(self.spline_bins)
     self.splines = [
         RationalQuadraticSpline(self.spline_bins, self.spline_bound, self.param_dtype)
         for _ in range(self.num_layers)

@@ -51,6 +51,7 @@ from flax_relgrad.flow import Dtype
 from flax_relgrad.flow import GaussianParams
 from flax_relgrad.flow import Initializer
 from flax_relgrad.flow import check_base
+from flax_relgrad.flow import check_spline_bins
 from flax_relgrad.flow import check_vectors
 from flax_relgrad.flow import dense_forward_and_log_det
 from flax_relgrad.flow import dense_inverse
@@ -286,8 +287,7 @@ class FlowMLP(nnx.Module):
   ):
     if num_layers < 1:
       raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
-    if spline_bins < 0:
-      raise ValueError(f"spline_bins must be >= 0 (0: no splines), got {spline_bins}.")
+    check_spline_bins(spline_bins)
     check_base(base)
     self.width = width
     self.activation = activation
