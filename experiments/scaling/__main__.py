@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from experiments.scaling import benchmark
+from experiments.scaling import report
+from experiments.scaling import timing
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
   return tuple(int(item) for item in text.split(",") if item)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[benchmark.BenchmarkConfig, pathlib.Path]:
+def parse_args(argv: list[str] | None = None) -> tuple[timing.BenchmarkConfig, pathlib.Path]:
   """The benchmark config and output directory from the command line."""
-  defaults = benchmark.BenchmarkConfig()
+  defaults = timing.BenchmarkConfig()
   parser = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--output_dir", type=pathlib.Path, default=pathlib.Path("docs/scaling"))
@@ -42,13 +43,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[benchmark.BenchmarkConfig
   parser.add_argument("--seed", type=int, default=defaults.seed)
   args = vars(parser.parse_args(argv))
   output_dir = args.pop("output_dir")
-  return benchmark.BenchmarkConfig(**args), output_dir
+  return timing.BenchmarkConfig(**args), output_dir
 
 
 def main(argv: list[str] | None = None) -> None:
   config, output_dir = parse_args(argv)
-  measurements = benchmark.run_benchmark(config, log=lambda line: print(line, flush=True))
-  print(benchmark.write_reports(measurements, config, output_dir))
+  measurements = timing.run_benchmark(config, log=lambda line: print(line, flush=True))
+  print(report.write_reports(measurements, config, output_dir))
 
 
 if __name__ == "__main__":

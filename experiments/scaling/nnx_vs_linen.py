@@ -6,7 +6,8 @@
 Both steps train the same `FlowMLP` (L layers, SmoothLeakyReLU(α), float32, orthogonal init)
 with Adam on their relative gradients, on one fixed batch (B, D):
 
-- ``linen``: `jax.jit` of `value_and_relative_grad(model, nll)` + `tx.update` + `apply_updates`;
+- ``linen``: `jax.jit` of `fr.relative_update` (the library's one relative-gradient step:
+  `value_and_relative_grad(model, nll)` + `tx.update` + `apply_updates`);
 - ``nnx``: the idiom of the Flax NNX examples, `nnx.jit` of
   `flax_relgrad.nnx.value_and_relative_grad` + `nnx.Optimizer.update(model, grads)`
   (its Python-side graph traversal on every call included);
@@ -23,9 +24,10 @@ report gives the median time per step over the repetitions and the ratios to lin
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+import functools
 import statistics
 import time
-from typing import Callable
 
 from flax import nnx
 import jax
@@ -43,11 +45,7 @@ def linen_step(num_layers: int, alpha: float, learning_rate: float, x: jax.Array
   tx = optax.adam(learning_rate)
   state = {"params": params, "opt_state": tx.init(params)}
 
-  @jax.jit
-  def step(params, opt_state, x):
-    loss, grads = fr.value_and_relative_grad(model, fr.nll)(params, x)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = jax.jit(functools.partial(fr.relative_update, model, tx))
 
   def run() -> jax.Array:
     state["params"], state["opt_state"], loss = step(state["params"], state["opt_state"], x)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.scaling import benchmark
+from experiments.scaling import models
+from experiments.scaling import report
+from experiments.scaling import timing
 
 WIDTHS = (4, 8)
 BATCH = 3
@@ -16,19 +18,19 @@ BATCH = 3
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  config = benchmark.BenchmarkConfig(
+  config = timing.BenchmarkConfig(
       widths=WIDTHS, batch_sizes=(BATCH,), repetitions=1, min_repetition_s=0.0, fit_min_width=4
   )
   output_dir = tmp_path_factory.mktemp("scaling")
-  measurements = benchmark.run_benchmark(config, log=lambda line: None)
-  report = benchmark.write_reports(measurements, config, output_dir)
-  return measurements, report, output_dir
+  measurements = timing.run_benchmark(config, log=lambda line: None)
+  markdown = report.write_reports(measurements, config, output_dir)
+  return measurements, markdown, output_dir
 
 
 def test_every_method_and_point_is_measured(tiny_run):
   measurements, _, _ = tiny_run
   assert {(m.method, m.batch, m.width) for m in measurements} == {
-      (method, BATCH, width) for method in benchmark.METHODS for width in WIDTHS
+      (method, BATCH, width) for method in models.METHODS for width in WIDTHS
   }
   for m in measurements:
     assert not m.skipped, m
@@ -47,7 +49,7 @@ def test_csv_has_one_ok_row_per_method_and_point(tiny_run):
   with open(output_dir / "scaling.csv") as file:
     rows = list(csv.DictReader(file))
   assert sorted((row["method"], int(row["width"])) for row in rows) == sorted(
-      (method, width) for method in benchmark.METHODS for width in WIDTHS
+      (method, width) for method in models.METHODS for width in WIDTHS
   )
   for row in rows:
     assert row["status"] == "ok" and int(row["batch"]) == BATCH
@@ -56,23 +58,23 @@ def test_csv_has_one_ok_row_per_method_and_point(tiny_run):
 
 
 def test_markdown_and_plot(tiny_run):
-  _, report, output_dir = tiny_run
-  assert (output_dir / "scaling.md").read_text() == report
-  header = next(line for line in report.splitlines() if line.startswith("| B | D |"))
-  for column in (*benchmark.METHODS, "naive/relative", "relative/plain", "lu/relative"):
+  _, markdown, output_dir = tiny_run
+  assert (output_dir / "scaling.md").read_text() == markdown
+  header = next(line for line in markdown.splitlines() if line.startswith("| B | D |"))
+  for column in (*models.METHODS, "naive/relative", "relative/plain", "lu/relative"):
     assert f" {column} |" in header
   for width in WIDTHS:
-    assert f"| {BATCH} | {width} | " in report
-  assert jax.devices()[0].platform in report
-  exponent_row = next(line for line in report.splitlines() if line.startswith(f"| {BATCH} | ")
-                      and line.count("|") == len(benchmark.METHODS) + 2)
+    assert f"| {BATCH} | {width} | " in markdown
+  assert jax.devices()[0].platform in markdown
+  exponent_row = next(line for line in markdown.splitlines() if line.startswith(f"| {BATCH} | ")
+                      and line.count("|") == len(models.METHODS) + 2)
   assert "nan" not in exponent_row
   assert (output_dir / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lu_layer_log_det_matches_slogdet_of_its_kernel():
   width = 5
-  layer = benchmark.LUDense(permutation_seed=1)
+  layer = models.LUDense(permutation_seed=1)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   params = {
       "lower": jax.random.normal(keys[0], (width, width)),
@@ -84,12 +86,12 @@ def test_lu_layer_log_det_matches_slogdet_of_its_kernel():
   @jax.jit
   def kernel_and_log_det(params):
     kernel = layer.apply({"params": params}, jnp.eye(width))  # Rows e_i W: the kernel W.
-    return kernel, layer.apply({"params": params}, method=benchmark.LUDense.log_abs_det)
+    return kernel, layer.apply({"params": params}, method=models.LUDense.log_abs_det)
 
   kernel, log_det = kernel_and_log_det(params)
   np.testing.assert_allclose(log_det, np.linalg.slogdet(np.asarray(kernel, np.float64))[1], rtol=1e-4)
 
 
 def test_fitted_exponent_recovers_power_law():
-  points = [benchmark.Measurement("plain", 1, width, (1e-9 * width**2.5,), None) for width in (512, 1024, 4096)]
-  assert benchmark.fitted_exponent(points, min_width=512) == pytest.approx(2.5)
+  points = [timing.Measurement("plain", 1, width, (1e-9 * width**2.5,), None) for width in (512, 1024, 4096)]
+  assert report.fitted_exponent(points, min_width=512) == pytest.approx(2.5)
