@@ -1,6 +1,8 @@
 """`python -m experiments.mnist --workdir=runs/mnist [--config.learning_rate=3e-4 ...]`.
 
-Default config: the paper's (configs/default.py); log-likelihoods are logit-space nats.
+Default config: the paper's (configs/default.py); log-likelihoods are logit-space nats. The
+input pipeline (tfds images, dequantised and logit-transformed) is experiments/images.py,
+shared with CIFAR-10; the loop is experiments/training/.
 """
 
 import os

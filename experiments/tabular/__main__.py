@@ -1,7 +1,7 @@
 """`python -m experiments.tabular --workdir=runs/power --config.dataset=power --config.data_dir=<MAF data>`.
 
-The MAF tabular benchmarks (experiments/training/tabular.py): power, gas, hepmass, miniboone,
-bsds300, read from the unpacked MAF data release (Zenodo record 1161203, data.tar.gz).
+The MAF tabular benchmarks (input_pipeline.py here): power, gas, hepmass, miniboone, bsds300,
+read from the unpacked MAF data release (Zenodo record 1161203, data.tar.gz).
 Log-likelihoods are nats of the standardised data, as in the published tables.
 """
 

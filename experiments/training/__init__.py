@@ -1,1 +1,2 @@
-"""The training loop, data sources, checkpoints and data parallelism shared by every experiment."""
+"""What every training program shares: the loop, steps, checkpoints, data parallelism, evaluation,
+config plumbing and the `DataSource` interface; each program's own data live in its folder."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
+from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from experiments.types import PyTree
+PyTree = Any
 
 
 def _is_abandoned_read(record: std_logging.LogRecord) -> bool:

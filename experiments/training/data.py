@@ -4,8 +4,9 @@ A `DataSource` holds three splits of flat raw records (D,) (see `Splits`) — ui
 pixels for images, float32 vectors for 2-D and tabular data — and says how a batch of raw
 records becomes model inputs y (B, D) on the device (`preprocess`), which per-example
 metrics besides the log-likelihood to report (`extra_metrics`), and what picture to draw
-at each evaluation (`make_picture`). `sources.load_source(config)` picks the source named by
-`config.data_source`.
+at each evaluation (`make_picture`). `load_source(config)` picks the source named by
+`config.data_source`; each lives with its program: `experiments/images.py` (MNIST, CIFAR-10),
+`experiments/toy/input_pipeline.py`, `experiments/tabular/input_pipeline.py`.
 
 Shuffled raw batches, grouped into chunks of `steps_per_call` batches, stream to the devices
 (through tf.data for tfds datasets, by numpy indexing for in-memory arrays); `preprocess`
@@ -18,8 +19,11 @@ fixed by the seed, so validation and test numbers are reproducible.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +32,9 @@ import numpy as np
 import tensorflow as tf
 
 from experiments.training import parallel
-from experiments.types import PyTree
+
+PyTree = Any
+"""A JAX pytree (nested dicts, lists, tuples and dataclasses of arrays)."""
 
 Picture = Callable[[PyTree, jax.Array], np.ndarray]
 """(params, rng) → an RGB(A) or grey picture (H, W, C) with values in [0, 1]."""
@@ -170,7 +176,6 @@ def prefetch_to_device(
   yield from queue
 
 
-
 def device_chunks(splits: Splits, config: ml_collections.ConfigDict, epoch: int,
                   data_parallel: parallel.DataParallel, skip_batches: int = 0) -> Iterator[dict[str, jax.Array]]:
   """One epoch of training chunks (`train_chunks`) as global arrays on the devices.
@@ -180,3 +185,21 @@ def device_chunks(splits: Splits, config: ml_collections.ConfigDict, epoch: int,
   """
   local_chunks = train_chunks(splits, config, epoch, skip_batches, data_parallel.local_rows(config.batch_size))
   return prefetch_to_device(local_chunks, lambda chunk: data_parallel.put_chunk(chunk, config.batch_size))
+
+
+def load_source(config: ml_collections.ConfigDict) -> DataSource:
+  """The data source named by `config.data_source` ("images", "toy" or "tabular")."""
+  # Imported here: the sources import this module, and each pulls in only what its data needs
+  # (tfds, matplotlib, ...).
+  # pylint: disable=g-import-not-at-top
+  if config.data_source == "images":
+    from experiments import images
+    return images.ImageSource(config)
+  if config.data_source == "toy":
+    from experiments.toy import input_pipeline as toy
+    return toy.ToySource(config)
+  if config.data_source == "tabular":
+    from experiments.tabular import input_pipeline as tabular
+    return tabular.TabularSource(config)
+  raise ValueError(
+      f"config.data_source={config.data_source!r} is not one of ['images', 'tabular', 'toy'].")

@@ -1,15 +1,18 @@
-"""Evaluation of a whole split: means and 2 standard errors of the per-example metrics."""
+"""Evaluation: means and 2 standard errors of a whole split's per-example metrics, and the
+per-layer kernel diagnostics written with them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
-from typing import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from experiments.training import steps
-from experiments.types import PyTree
+
+PyTree = Any
 
 EvalStep = Callable[[PyTree, jax.Array], dict[str, jax.Array]]
 """(params, y (N, D)) → per-example metrics (N,), see `steps.make_eval_step`."""
@@ -40,3 +43,22 @@ def describe(metrics: dict[str, float]) -> str:
     return f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} nats"
   return (f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} logit nats, "
           f"{metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim")
+
+
+def kernel_diagnostics(params: PyTree) -> dict[str, float]:
+  """Per dense layer, log|det W| and the condition number, from the eigenvalues of WᵀW in float64.
+
+  O(D³) each: for evaluations only. (Squaring the singular values is accurate enough in
+  float64 for the condition numbers a trainable flow has; eigenvalues that round below 0 are
+  read as 0, i.e. a singular kernel.)
+  """
+  diagnostics = {}
+  for name, layer in params.items():
+    if "kernel" not in layer:  # splines, a learned base: no kernel
+      continue
+    kernel = np.asarray(layer["kernel"], np.float64)
+    singular_values = np.sqrt(np.maximum(np.linalg.eigvalsh(kernel.T @ kernel), 0.0))
+    with np.errstate(divide="ignore"):
+      diagnostics[f"kernels/{name}/log_abs_det"] = float(np.log(singular_values).sum())
+      diagnostics[f"kernels/{name}/condition"] = float(singular_values[-1] / singular_values[0])
+  return diagnostics

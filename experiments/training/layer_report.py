@@ -12,13 +12,15 @@ kernel's condition number; the rows and the Gaussian term add up to the mean log
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import flax_relgrad as fr
-from experiments.training import diagnostics
-from experiments.types import PyTree
+from experiments.training import evaluation
+
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ def _terms(module: fr.FlowMLP, x: jax.Array) -> tuple[list[tuple[jax.Array, ...]
 def layer_report(model: fr.FlowMLP, params: PyTree, x: jax.Array) -> tuple[list[LayerTerms], float]:
   """The per-layer terms of `model` (a FlowMLP) on examples x (N, D), and the mean log N(z)."""
   rows, base = jax.jit(lambda p, x: model.apply({"params": p}, x, method=_terms))(params, x)
-  conditions = diagnostics.kernel_diagnostics(params)
+  conditions = evaluation.kernel_diagnostics(params)
   report = [
       LayerTerms(float(spline), float(kernel), float(activation), float(std),
                  conditions[f"kernels/layers_{index}/condition"])

@@ -5,7 +5,7 @@
 checkpoints (latest state for resuming, best parameters by validation likelihood), early
 stopping, divergence handling, and a final test evaluation of the best parameters
 (docs/method.md, "Validation and test protocol"). Every dataset goes through this one loop;
-`config.data_source` picks the data (`sources.load_source`). One run at a time holds a workdir
+`config.data_source` picks the data (`data.load_source`). One run at a time holds a workdir
 (`workdir_lock`).
 """
 
@@ -20,20 +20,29 @@ from clu import metric_writers
 from clu import periodic_actions
 import jax
 import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 
 from experiments.training import checkpoints
 from experiments.training import config as config_lib
 from experiments.training import data
-from experiments.training import diagnostics
 from experiments.training import evaluation
 from experiments.training import layer_report
 from experiments.training import parallel
-from experiments.training import pictures
-from experiments.training import sources
 from experiments.training import steps
 from experiments.training import workdir_lock
+
+
+def save_png(path: str, picture: np.ndarray) -> None:
+  """Writes a (H, W, C) picture in [0, 1] (grey, RGB or RGBA) as a PNG, atomically."""
+  temporary = path + ".tmp.png"
+  image = picture[..., 0] if picture.shape[-1] == 1 else picture
+  plt.imsave(temporary, image, cmap="gray", vmin=0.0, vmax=1.0)
+  os.replace(temporary, path)
 
 
 class Run:
@@ -206,13 +215,13 @@ class Run:
       self.checkpoints.save_best(step, state.params, metrics["ll"])
     self.checkpoints.save_latest(step, state)
     self.writer.write_scalars(step, {f"validation/{k}": v for k, v in metrics.items()})
-    self.writer.write_scalars(step, diagnostics.kernel_diagnostics(state.params))
+    self.writer.write_scalars(step, evaluation.kernel_diagnostics(state.params))
     if self.picture is not None:
       sample_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
       picture = self.picture(state.params, sample_rng)
       self.writer.write_images(step, {self.source.picture_name: picture[None]})
       if jax.process_index() == 0:
-        pictures.save_png(os.path.join(self.workdir, f"{self.source.picture_name}.png"), picture)
+        save_png(os.path.join(self.workdir, f"{self.source.picture_name}.png"), picture)
     logging.info("step %d: validation %s", step, evaluation.describe(metrics))
     return state
 
@@ -241,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Every process of a multi-host run shares the workdir: process 0 holds the lock for all.
   lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    source = sources.load_source(config)
+    source = data.load_source(config)
     checkpoints.record_config(config, workdir)
     run = Run(config, workdir, source)
     try:
@@ -258,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Test log-likelihood ± 2 SE (and bits/dim for images) of the best checkpoint in `workdir`."""
   config_lib.validate_config(config)
-  run = Run(config, os.path.abspath(workdir), sources.load_source(config))
+  run = Run(config, os.path.abspath(workdir), data.load_source(config))
   try:
     return run.test_best()
   finally:
@@ -269,7 +278,7 @@ def report_layers(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The best checkpoint's per-layer log-likelihood terms on the validation split, as a table
   (`layer_report`)."""
   config_lib.validate_config(config)
-  run = Run(config, os.path.abspath(workdir), sources.load_source(config))
+  run = Run(config, os.path.abspath(workdir), data.load_source(config))
   try:
     step, params = run.checkpoints.restore_best_params(run.abstract_state().params)
     rows, base = layer_report.layer_report(run.model, params, run.validation_y())

@@ -12,6 +12,7 @@ the per-host pieces. Several hosts: set `config.coordinator_address`, `num_proce
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 from jax.sharding import AxisType
@@ -21,7 +22,8 @@ from jax.sharding import PartitionSpec
 import ml_collections
 import numpy as np
 
-from experiments.types import PyTree
+PyTree = Any
+
 
 DATA_AXIS = "data"
 

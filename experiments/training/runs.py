@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ import flax_relgrad as fr
 from experiments.training import checkpoints
 from experiments.training import parallel
 from experiments.training import steps
-from experiments.types import PyTree
+
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ single truth about the learning rate.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -21,7 +22,8 @@ import optax
 import flax_relgrad as fr
 from experiments.training import data
 from experiments.training import parallel
-from experiments.types import PyTree
+
+PyTree = Any
 
 
 @flax.struct.dataclass

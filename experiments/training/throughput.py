@@ -24,10 +24,9 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import images
 from experiments.training import data
-from experiments.training import images
 from experiments.training import parallel
-from experiments.training import sources
 from experiments.training import steps
 
 flags.DEFINE_integer("steps", 2000, "Train steps per timed round.")
@@ -42,7 +41,7 @@ FLAGS = flags.FLAGS
 
 def load_source(config) -> data.DataSource:
   if not FLAGS.synthetic_examples:
-    return sources.load_source(config)
+    return data.load_source(config)
   if config.data_source != "images":
     raise app.UsageError("--synthetic_examples needs an image config (config.data_source='images').")
   rng = np.random.default_rng(config.seed)

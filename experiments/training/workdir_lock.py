@@ -8,12 +8,12 @@ error message of a refused run quotes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import datetime
 import fcntl
 import os
 import socket
-from typing import Iterator
 
 LOCK_FILE = "run.lock"
 

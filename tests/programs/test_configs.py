@@ -12,8 +12,6 @@ from experiments.training import config as config_lib
 from experiments.training import data
 from experiments.training import evaluation
 from experiments.training import loop
-from experiments.training import sources
-from experiments.training.diagnostics import kernel_diagnostics
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # test_mnist.py runs the MNIST default end to end, through test.py (the default, smaller).
@@ -50,12 +48,12 @@ def test_shipped_config_builds_and_trains_a_few_steps(module, maf_release_dir, t
   config = small(importlib.import_module(module).get_config(), maf_release_dir)
   config_lib.validate_config(config)
   with tfds.testing.mock_data(num_examples=16):
-    run = loop.Run(config, str(tmp_path), sources.load_source(config))
+    run = loop.Run(config, str(tmp_path), data.load_source(config))
     chunk = next(data.device_chunks(run.splits, config, 0, run.parallel))
     validation_y = run.validation_y()
   state = run.train_chunk(run.make_initial_state(), chunk, 0)
   assert int(state.step) == 2 and np.isfinite(float(state.loss_sum))
   metrics = evaluation.evaluate(run.eval_step, state.params, validation_y, config.eval_batch_size)
-  diagnostics = kernel_diagnostics(state.params)
+  diagnostics = evaluation.kernel_diagnostics(state.params)
   assert len(diagnostics) == 2 * config.num_layers and all(np.isfinite(v) for v in diagnostics.values())
   assert np.isfinite(metrics["ll"])  # Pictures: drawn in the end-to-end tests of each source.

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import images
 from experiments.mnist.configs import default
 from experiments.training import data
-from experiments.training import images
 
 MNIST_FILES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "mnist")
 LAM = 1e-6

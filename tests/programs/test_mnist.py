@@ -14,13 +14,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from experiments import images
 from experiments.mnist.configs import test as test_config
 from experiments.training import checkpoints
 from experiments.training import data
-from experiments.training import images
 from experiments.training import loop
 from experiments.training import parallel
-from experiments.training import sources
 from experiments.training import steps
 
 NUM_MOCK_EXAMPLES = 16  # Per split: 4 steps of batch 4 per epoch.
@@ -96,7 +95,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(finished_run, tmp_p
   run(config, "resumed")
   resumed = restore_latest(config, tmp_path / "resumed")
   uninterrupted = restore_latest(config, uninterrupted_dir)
-  for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(uninterrupted.params)):
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(resumed.params), leaves(uninterrupted.params), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
@@ -191,7 +191,7 @@ def test_exploding_loss_is_a_divergence(finished_run):
   config, workdir, _ = finished_run
   config = mock_config(divergence_nats=50.0)
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
-    run_ = loop.Run(config, str(workdir), sources.load_source(config))
+    run_ = loop.Run(config, str(workdir), data.load_source(config))
   state = restore_latest(config, workdir).replace(lowest_train_nll=np.float32(1000.0))
   assert run_._divergence(state, 1049.0, 2, 4) is None  # pylint: disable=protected-access
   reason, good_step = run_._divergence(state, 1051.0, 2, 4)  # pylint: disable=protected-access
@@ -273,7 +273,7 @@ def test_load_run_reproduces_the_test_likelihood(finished_run):
   run = load_run(str(workdir))
   assert run.step == metrics["step"] and json.loads(run.config.to_json()) == json.loads(config.to_json())
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
-    source = sources.load_source(config)
+    source = data.load_source(config)
   test_y = np.asarray(data.eval_array(source, source.splits.test, config.seed, data.TEST_NOISE))
   log_p = run.model.apply({"params": run.params}, test_y, method="log_prob")
   np.testing.assert_allclose(float(log_p.mean()), metrics["ll"], rtol=1e-5)

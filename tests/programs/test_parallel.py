@@ -64,7 +64,7 @@ def report(process):
 
 
 def assert_same_params(workdir, expected):
-  for actual, reference in zip(final_params(workdir), expected):
+  for actual, reference in zip(final_params(workdir), expected, strict=True):
     np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5)
 
 

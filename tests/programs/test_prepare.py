@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import images
 from experiments.mnist.configs import default
-from experiments.training import images
 
 FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
          "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
@@ -47,7 +47,7 @@ class _IdxDigits(tfds.core.GeneratorBasedBuilder):
             for split in ("train", "test")}
 
   def _generate_examples(self, images_path, labels_path):
-    for index, (image, label) in enumerate(zip(read_idx(images_path), read_idx(labels_path))):
+    for index, (image, label) in enumerate(zip(read_idx(images_path), read_idx(labels_path), strict=True)):
       yield index, {"image": image[..., None], "label": int(label)}
 
 

@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 
+from experiments.tabular import input_pipeline
 from experiments.training import data
-from experiments.training import tabular
 
 
 def load(name, root):
-  return tabular.load(name, root)
+  return input_pipeline.load(name, root)
 
 
 def test_power_matches_the_release_procedure(maf_release_dir):

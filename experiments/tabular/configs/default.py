@@ -1,4 +1,4 @@
-"""MAF tabular benchmarks (experiments/training/tabular.py); `--config.dataset` picks one and
+"""MAF tabular benchmarks (experiments/tabular/input_pipeline.py); `--config.dataset` picks one and
 `--config.data_dir` must point at the unpacked MAF data release. Not tuned: the release is
 not on the machines this project was developed on."""
 

@@ -1,4 +1,5 @@
-"""2-D densities: a deep stack of 32 dense 2×2 layers on `moons` (or any of experiments/training/toy.py).
+"""2-D densities: a deep stack of 32 dense 2×2 layers on `moons` (or any density of
+experiments/toy/input_pipeline.py).
 
 Chosen by a 10–20-epoch sweep on moons (test LL, nats): 8 layers α 0.1 lr 1e-3: −1.93 (6
 epochs); 16 layers: −1.80, with lr 1e-2: −1.23; 32 layers lr 1e-3: −1.49; 32 layers lr 1e-2:

@@ -1,4 +1,5 @@
-"""The standard 2-D densities, generated on the fly, as a `DataSource`.
+"""The input pipeline of `experiments.toy`: the standard 2-D densities, generated on the fly,
+as a `DataSource` (`config.data_source = "toy"`).
 
 `sample_2d(name, n, rng)` draws n points (n, 2) of one of `DENSITIES`; the three splits are
 seeded draws of `config.num_train`, `num_validation` and `num_test` points. The data are

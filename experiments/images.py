@@ -1,4 +1,7 @@
-"""tfds image datasets (MNIST, CIFAR-10, ...) as a `DataSource` (docs/method.md, "Reporting units").
+"""The input pipeline of the image programs, `experiments.mnist` and `experiments.cifar10`.
+
+tfds datasets of uint8 images (MNIST, CIFAR-10, ...) as a `DataSource` (docs/method.md,
+"Reporting units"), picked by `config.data_source = "images"`.
 
 Pixels p ∈ {0..255} become x = (p + u)/256 with u ~ U[0, 1), then y = logit(λ + (1−2λ)x),
 on the devices. With `config.flip_horizontal`, each training image is mirrored left–right

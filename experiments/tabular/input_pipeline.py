@@ -1,4 +1,5 @@
-"""The five tabular benchmarks of the MAF paper (Papamakarios et al., 2017) as a `DataSource`.
+"""The input pipeline of `experiments.tabular`: the five tabular benchmarks of the MAF paper
+(Papamakarios et al., 2017) as a `DataSource` (`config.data_source = "tabular"`).
 
 Each loader reads the preprocessed files of the MAF authors' data release (Zenodo record
 1161203, `data.tar.gz`) from `config.data_dir` and applies that release's standard cleaning,
@@ -21,8 +22,8 @@ published tables:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
-from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -128,7 +129,7 @@ def load(name: str, root: str) -> Arrays:
         "config.data_dir is empty: set it to the unpacked MAF benchmark release (Zenodo record "
         "1161203, data.tar.gz), the folder that holds power/, gas/, hepmass/, miniboone/, BSDS300/.")
   splits = LOADERS[name](root)
-  for split_name, split in zip(("train", "validation", "test"), splits):
+  for split_name, split in zip(("train", "validation", "test"), splits, strict=True):
     if not np.all(np.isfinite(split)):
       raise ValueError(f"{name}: the {split_name} split has non-finite values after preprocessing; "
                        f"the files under {root} are not the release's.")
