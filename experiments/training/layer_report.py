@@ -12,10 +12,10 @@ kernel's condition number; the rows and the Gaussian term add up to the mean log
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 import flax_relgrad as fr
 from experiments.training import evaluation
@@ -24,7 +24,7 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerTerms:
+class LayerRow:
   """One layer's mean log-likelihood terms (nats) and its diagnostics."""
 
   spline_log_det: float  # mean Σ_i log s_k,i' (0 without splines)
@@ -34,39 +34,31 @@ class LayerTerms:
   condition: float  # condition number of W_k
 
 
-def _terms(module: fr.FlowMLP, x: jax.Array) -> tuple[list[tuple[jax.Array, ...]], jax.Array]:
-  """Per layer (mean spline log-det, log|det W|, mean activation log-det, std of y), and the
-  mean base log-density; `module` is a bound FlowMLP (applied as a method)."""
-  rows = []
-  z = x
-  for index, layer in enumerate(module.layers):
-    spline_log_det = jnp.zeros(())
-    if module.splines is not None:
-      z, per_example = module.splines[index].forward_and_log_det(z)
-      spline_log_det = per_example.mean()
-    y = layer(z)
-    activation_log_det = jnp.zeros(())
-    z = y
-    if index < len(module.layers) - 1:
-      activation_log_det = module.activation.log_derivative(y).sum(-1).mean()
-      z = module.activation(y)
-    rows.append((spline_log_det, layer.log_abs_det(), activation_log_det, y.std()))
-  return rows, module.base_log_prob(z).mean()
+def _terms(model: fr.FlowMLP, params: PyTree,
+           x: jax.Array) -> tuple[list[tuple[jax.Array, ...]], jax.Array]:
+  """Per layer (mean spline log-det, log|det W|, mean activation log-det, std of y), from the
+  flow's own `fr.LayerTerms` (`FlowMLP.forward_and_layer_terms`), and the mean base
+  log-density log N(z)."""
+  variables = {"params": params}
+  z, terms = model.apply(variables, x, method=fr.FlowMLP.forward_and_layer_terms)
+  rows = [(term.spline_log_det.mean(), term.kernel_log_abs_det, term.activation_log_det.mean(),
+           term.preactivation.std()) for term in terms]
+  return rows, model.apply(variables, z, method=fr.FlowMLP.base_log_prob).mean()
 
 
-def layer_report(model: fr.FlowMLP, params: PyTree, x: jax.Array) -> tuple[list[LayerTerms], float]:
+def layer_report(model: fr.FlowMLP, params: PyTree, x: jax.Array) -> tuple[list[LayerRow], float]:
   """The per-layer terms of `model` (a FlowMLP) on examples x (N, D), and the mean log N(z)."""
-  rows, base = jax.jit(lambda p, x: model.apply({"params": p}, x, method=_terms))(params, x)
+  rows, base = jax.jit(functools.partial(_terms, model))(params, x)
   conditions = evaluation.kernel_diagnostics(params)
   report = [
-      LayerTerms(float(spline), float(kernel), float(activation), float(std),
-                 conditions[f"kernels/layers_{index}/condition"])
+      LayerRow(float(spline), float(kernel), float(activation), float(std),
+               conditions[f"kernels/layers_{index}/condition"])
       for index, (spline, kernel, activation, std) in enumerate(rows)
   ]
   return report, float(base)
 
 
-def describe(report: list[LayerTerms], base: float) -> str:
+def describe(report: list[LayerRow], base: float) -> str:
   """The report as a table (one row per layer, then the total)."""
   lines = ["layer  spline log-det  log|det W|  activation log-det  std(y)  condition"]
   for index, row in enumerate(report):
