@@ -16,7 +16,7 @@ the same for every context.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,19 +24,16 @@ import jax.numpy as jnp
 
 from flax_relgrad.activations import Activation
 from flax_relgrad.activations import SmoothLeakyReLU
+from flax_relgrad.core.dense import Dtype
+from flax_relgrad.core.dense import Initializer
+from flax_relgrad.core.distribution import ConditionalFlow
+from flax_relgrad.core.distribution import check_context
+from flax_relgrad.core.distribution import split_modulations
+from flax_relgrad.core.stack import Modulation
+from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.flow import DiagonalGaussian
-from flax_relgrad.flow import Dtype
-from flax_relgrad.flow import GaussianParams
-from flax_relgrad.flow import Initializer
-from flax_relgrad.flow import Modulation
-from flax_relgrad.flow import check_base
-from flax_relgrad.flow import check_vectors
-from flax_relgrad.flow import gaussian_log_prob
-from flax_relgrad.flow import gaussian_sample
+from flax_relgrad.flow import LinenFlowHooks
 from flax_relgrad.flow import make_layers
-from flax_relgrad.flow import sample_shape_tuple
-from flax_relgrad.flow import stack_forward
-from flax_relgrad.flow import stack_inverse
 
 
 class ModulationHead(nn.Module):
@@ -58,13 +55,10 @@ class ModulationHead(nn.Module):
     dense = nn.Dense(
         self.num_layers * outputs * width, kernel_init=nn.initializers.zeros, param_dtype=self.param_dtype
     )
-    values = dense(h).reshape(h.shape[:-1] + (self.num_layers, outputs, width))
-    shifts = values[..., 0, :]
-    log_scales = values[..., 1, :] if self.scale else jnp.zeros_like(shifts)
-    return [(shifts[..., k, :], log_scales[..., k, :]) for k in range(self.num_layers)]
+    return split_modulations(dense(h), self.num_layers, self.scale, width)
 
 
-class ConditionalFlowMLP(nn.Module):
+class ConditionalFlowMLP(LinenFlowHooks, ConditionalFlow, nn.Module):
   """A dense flow for p(x | c): `FlowMLP` with context-dependent shifts and scales per layer.
 
   Every method takes the context c (..., C) with the same leading shape as x (..., D);
@@ -93,81 +87,16 @@ class ConditionalFlowMLP(nn.Module):
   base: str = "normal"
 
   def setup(self):
-    check_base(self.base)
+    check_flow_settings(self.num_layers, self.base, 0)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
+    self.splines = None
     self.head = ModulationHead(self.num_layers, self.context_scale, self.param_dtype)
     if self.base == "diagonal_gaussian":
       self.base_distribution = DiagonalGaussian(self.param_dtype)
 
-  def modulations(self, c: jax.Array, leading_shape: Sequence[int], width: int) -> list[Modulation]:
-    """Every layer's (shift, log_scale), each of shape leading_shape + (D,)."""
-    if c.ndim < 1 or tuple(c.shape[:-1]) != tuple(leading_shape):
-      raise ValueError(
-          f"ConditionalFlowMLP expects a context of shape {tuple(leading_shape) + ('C',)} "
-          f"(the leading shape of x, then the context features), got {c.shape}."
-      )
+  def _modulations(
+      self, context: tuple[jax.Array, ...], leading_shape: tuple[int, ...], width: int
+  ) -> Sequence[Modulation]:
+    c = check_context(context, leading_shape, type(self).__name__)
     features = c if self.conditioner is None else self.conditioner(c)
     return self.head(features, width)
-
-  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    """Data x (..., D) → latent z (..., D) given c (..., C)."""
-    return self.forward_and_log_det(x, c)[0]
-
-  def forward_and_log_det(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Latent z (..., D) and the exact log|det ∂z/∂x| per example, shape (...)."""
-    check_vectors(x, width=self._width())
-    if self.is_initializing():
-      self._base_params(x.shape[-1])  # creates a learned base's params
-    modulations = self.modulations(c, x.shape[:-1], x.shape[-1])
-    z, log_det = stack_forward(self.layers, self.activation, x, modulations)
-    return z, log_det + self._kernel_log_abs_det()
-
-  def log_prob(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    """Exact log p(x | c) = log p_base(z) + log|det ∂z/∂x| per example, shape (...)."""
-    z, log_det = self.forward_and_log_det(x, c)
-    return gaussian_log_prob(z, self._base_params(z.shape[-1])) + log_det
-
-  def inverse(self, z: jax.Array, c: jax.Array) -> jax.Array:
-    """Latent z (..., D) → data x (..., D) given c (..., C)."""
-    return self.inverse_and_log_det(z, c)[0]
-
-  def inverse_and_log_det(self, z: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Data x = g⁻¹(z; c) (..., D) and log|det ∂x/∂z| per latent, shape (...)."""
-    check_vectors(z, "latents", self._width())
-    modulations = self.modulations(c, z.shape[:-1], z.shape[-1])
-    x, log_det = stack_inverse(self.layers, self.activation, z, modulations)
-    return x, -(log_det + self._kernel_log_abs_det())
-
-  def sample(self, rng: jax.Array, c: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:
-    """Draws x ~ p(x | c): shape sample_shape + c.shape[:-1] + (D,) (one per context row
-    for the default sample_shape=())."""
-    z, c, _ = self._base_sample(rng, c, sample_shape)
-    return self.inverse(z, c)
-
-  def sample_and_log_prob(
-      self, rng: jax.Array, c: jax.Array, sample_shape: int | Sequence[int] = ()
-  ) -> tuple[jax.Array, jax.Array]:
-    """Draws x (sample_shape + c.shape[:-1] + (D,)) and their exact log p(x | c)."""
-    z, c, base = self._base_sample(rng, c, sample_shape)
-    x, log_det = self.inverse_and_log_det(z, c)
-    return x, gaussian_log_prob(z, base) - log_det
-
-  def _base_sample(
-      self, rng: jax.Array, c: jax.Array, sample_shape: int | Sequence[int]
-  ) -> tuple[jax.Array, jax.Array, GaussianParams]:
-    """Base draws z, the context broadcast to their leading shape, and the base's params."""
-    kernel = self.layers[0].get_variable("params", "kernel")
-    c = jnp.broadcast_to(c, sample_shape_tuple(sample_shape) + c.shape)
-    base = self._base_params(kernel.shape[-1])
-    return gaussian_sample(rng, c.shape[:-1] + kernel.shape[-1:], kernel.dtype, base), c, base
-
-  def _kernel_log_abs_det(self) -> jax.Array:
-    return sum(layer.log_abs_det() for layer in self.layers)
-
-  def _width(self) -> int | None:
-    if not self.layers[0].has_variable("params", "kernel"):
-      return None
-    return self.layers[0].get_variable("params", "kernel").shape[-1]
-
-  def _base_params(self, width: int) -> GaussianParams:
-    return self.base_distribution(width) if self.base == "diagonal_gaussian" else None

@@ -6,12 +6,15 @@ over each epoch, and the experiments' training loop runs it inside its own `lax.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -19,6 +22,7 @@ from flax_relgrad.objectives import nll
 from flax_relgrad.objectives import value_and_relative_grad
 
 PyTree = Any
+ArrayLike = jax.typing.ArrayLike
 
 
 def relative_update(
@@ -65,8 +69,8 @@ class FitResult:
 def fit(
     model: nn.Module,
     params: PyTree,
-    train: jax.Array | Sequence[jax.Array],
-    validation: jax.Array | Sequence[jax.Array],
+    train: ArrayLike | Sequence[ArrayLike],
+    validation: ArrayLike | Sequence[ArrayLike],
     *,
     optimizer: optax.GradientTransformation | None = None,
     batch_size: int = 100,
@@ -80,7 +84,8 @@ def fit(
   Args:
     model: a flow with `log_prob(x, *context)` (`FlowMLP`, `ConditionalFlowMLP`, ...).
     params: initial parameters (`model.init(...)["params"]`).
-    train: x (N, D), or a tuple (x, context (N, C), ...) for a conditional flow.
+    train: x (N, D), or a tuple (x, context (N, C), ...) for a conditional flow: JAX or
+      NumPy arrays, or anything `np.asarray` takes (integers become float32); all finite.
     validation: the same for the validation set.
     optimizer: any optax optimizer; default `optax.adam(1e-3)`.
     batch_size: examples per step (each epoch drops the last N mod batch_size of a fresh
@@ -94,11 +99,15 @@ def fit(
     A `FitResult` with the best parameters and the per-epoch history.
 
   Raises:
-    ValueError: for arrays of mismatched or empty shapes, or batch_size > N.
+    ValueError: for arrays of mismatched or empty shapes, non-finite values (naming the
+      first such row), or batch_size > N.
     FloatingPointError: when training diverges (a non-finite loss), naming the epoch.
   """
-  train, validation = _as_tuple(train), _as_tuple(validation)
+  train, validation = _as_arrays(train, "train"), _as_arrays(validation, "validation")
   _check_arrays(train, validation, batch_size)
+  _check_finite(train, "train")
+  _check_finite(validation, "validation")
+  train, validation = tuple(map(jnp.asarray, train)), tuple(map(jnp.asarray, validation))
   tx = optimizer or optax.adam(1e-3)
   opt_state = tx.init(params)
   num_batches = train[0].shape[0] // batch_size
@@ -146,8 +155,35 @@ def _log_det_terms(model: nn.Module, params: PyTree, *batch: jax.Array) -> jax.A
   return exact - value_and_relative_grad(model, nll)(params, *batch)[0]
 
 
-def _as_tuple(arrays: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-  return tuple(arrays) if isinstance(arrays, (tuple, list)) else (arrays,)
+def _as_arrays(arrays: ArrayLike | Sequence[ArrayLike], name: str) -> tuple[np.ndarray, ...]:
+  """x, or (x, context, ...), as NumPy arrays (from JAX or NumPy arrays, lists or anything
+  array-like); integers become float32."""
+  arrays = tuple(arrays) if isinstance(arrays, (tuple, list)) and not _is_numeric_list(arrays) else (arrays,)
+  converted = []
+  for array in arrays:
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.number):
+      raise TypeError(f"fit: {name} must hold numbers, got dtype {array.dtype}.")
+    converted.append(array.astype(np.float32) if np.issubdtype(array.dtype, np.integer) else array)
+  return tuple(converted)
+
+
+def _check_finite(arrays: tuple[np.ndarray, ...], name: str) -> None:
+  """Refuses NaN or inf, naming the first offending row."""
+  for position, array in enumerate(arrays):
+    finite = np.isfinite(array).reshape(array.shape[0], -1).all(-1)
+    if not finite.all():
+      row = int(np.argmin(finite))
+      what = name if len(arrays) == 1 else f"{name}[{position}]"
+      raise ValueError(
+          f"fit: {what} holds non-finite values (NaN or inf), first in row {row}: {array[row]}. "
+          "Clean or drop those rows before training."
+      )
+
+
+def _is_numeric_list(arrays: Sequence[Any]) -> bool:
+  """Whether a list/tuple is itself the data (nested numbers), not (x, context, ...)."""
+  return len(arrays) > 0 and isinstance(arrays[0], (int, float, list)) and not isinstance(arrays[0], bool)
 
 
 def _check_arrays(train: tuple[jax.Array, ...], validation: tuple[jax.Array, ...], batch_size: int) -> None:

@@ -1,8 +1,10 @@
 """Native Flax NNX flows and their relative gradient: `import flax_relgrad.nnx as frn`.
 
-Same maths as the Linen modules (row-vector convention, y = z W + b; see `flax_relgrad.flow`),
-as `nnx.Module`s that own their parameters: `FlowDense(width, rngs=...)` and
-`FlowMLP(width, num_layers, ..., rngs=...)`. A training step in the idiom of the Flax NNX
+The NNX binding of the framework-free core (`flax_relgrad.core`): the same maths and methods
+as the Linen modules (row-vector convention, y = z W + b; see `flax_relgrad.flow`), as
+`nnx.Module`s that own their parameters: `FlowDense(width, rngs=...)`,
+`FlowMLP(width, num_layers, ..., rngs=...)`, `ConditionalFlowMLP(width, context_features,
+num_layers, ..., rngs=...)`. A training step in the idiom of the Flax NNX
 examples::
 
     model = frn.FlowMLP(16, num_layers=2, rngs=nnx.Rngs(0))
@@ -34,9 +36,12 @@ import flax
 if tuple(int(part) for part in flax.__version__.split(".")[:2]) < (0, 12):
   raise ImportError(f"flax_relgrad.nnx needs flax >= 0.12 (Flax NNX's current API), found flax {flax.__version__}.")
 
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 import contextlib  # noqa: E402
 import contextvars
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from flax import nnx
 import flax.traverse_util
@@ -45,34 +50,39 @@ import jax.numpy as jnp
 
 from flax_relgrad.activations import Activation
 from flax_relgrad.activations import SmoothLeakyReLU
-from flax_relgrad.flow import LOG_ABS_DET
-from flax_relgrad.flow import PREACTIVATION
-from flax_relgrad.flow import Dtype
-from flax_relgrad.flow import GaussianParams
-from flax_relgrad.flow import Initializer
-from flax_relgrad.flow import check_base
-from flax_relgrad.flow import check_spline_bins
-from flax_relgrad.flow import check_vectors
-from flax_relgrad.flow import dense_forward_and_log_det
-from flax_relgrad.flow import dense_inverse
-from flax_relgrad.flow import factorisation_dtype
-from flax_relgrad.flow import gaussian_log_prob
-from flax_relgrad.flow import gaussian_sample
-from flax_relgrad.flow import kernel_log_abs_det
-from flax_relgrad.flow import sample_shape_tuple
-from flax_relgrad.flow import stack_forward
-from flax_relgrad.flow import stack_inverse
+from flax_relgrad.core.dense import INVERSE_IN_RELATIVE_PASS
+from flax_relgrad.core.dense import LOG_ABS_DET
+from flax_relgrad.core.dense import PREACTIVATION
+from flax_relgrad.core.dense import DenseMethods
+from flax_relgrad.core.dense import Dtype
+from flax_relgrad.core.dense import Initializer
+from flax_relgrad.core.dense import factorisation_dtype
+from flax_relgrad.core.dense import init_kernel
+from flax_relgrad.core.dense import kernel_log_abs_det
+from flax_relgrad.core.distribution import ConditionalFlow
+from flax_relgrad.core.distribution import Flow
+from flax_relgrad.core.distribution import check_context
+from flax_relgrad.core.distribution import split_modulations
+from flax_relgrad.core.splines import Knots
+from flax_relgrad.core.splines import SplineMethods
+from flax_relgrad.core.splines import check_spline_settings
+from flax_relgrad.core.splines import spline_knots
+from flax_relgrad.core.stack import GaussianParams
+from flax_relgrad.core.stack import Modulation
+from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.objectives import _check_scalar_loss
 from flax_relgrad.objectives import _placeholders
+from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import relative_gradients
-from flax_relgrad.splines import Knots
-from flax_relgrad.splines import check_spline_settings
-from flax_relgrad.splines import spline_forward_and_log_det
-from flax_relgrad.splines import spline_inverse
-from flax_relgrad.splines import spline_knots
 
 PyTree = Any
 Path = tuple[Any, ...]
+
+ORTHOGONAL = nnx.initializers.orthogonal()
+"""The default kernel initializer (as in the Linen modules)."""
+
+DEFAULT_ACTIVATION = SmoothLeakyReLU()
+"""The default activation, SmoothLeakyReLU(alpha=0.01)."""
 
 
 class _RelativePass:
@@ -140,7 +150,7 @@ def _name(path: Path) -> str:
   return "/".join(map(str, path))
 
 
-class FlowDense(nnx.Module):
+class FlowDense(DenseMethods, nnx.Module):
   """One square dense layer y = z W + b of a flow (no activation), W unconstrained (NNX).
 
   Maps the last axis of z (..., D): per position on a (B, T, D) sequence, an invertible 1×1
@@ -162,13 +172,12 @@ class FlowDense(nnx.Module):
       width: int,
       *,
       use_bias: bool = True,
-      kernel_init: Initializer = nnx.initializers.orthogonal(),
+      kernel_init: Initializer = ORTHOGONAL,
       bias_init: Initializer = nnx.initializers.zeros,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    kernel = kernel_init(rngs.params(), (width, width), factorisation_dtype(param_dtype))
-    self.kernel = nnx.Param(kernel.astype(param_dtype))
+    self.kernel = nnx.Param(init_kernel(kernel_init, rngs.params(), width, param_dtype))
     self.bias = nnx.Param(bias_init(rngs.params(), (width,), param_dtype)) if use_bias else None
 
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -185,21 +194,12 @@ class FlowDense(nnx.Module):
     tracker = _ACTIVE.get()
     return kernel_log_abs_det(self.kernel[...]) if tracker is None else tracker.log_abs_det(self)
 
-  def forward_and_log_det(self, z: jax.Array, event_ndims: int = 1) -> tuple[jax.Array, jax.Array]:
-    """y = z W + b and n·log|det W| per example, shape z.shape[:-event_ndims] (n = number
-    of D-vectors per example)."""
-    return dense_forward_and_log_det(self, z, event_ndims)
+  def _kernel_and_bias(self) -> tuple[jax.Array, jax.Array | None]:
+    return self.kernel[...], None if self.bias is None else self.bias[...]
 
-  def inverse(self, y: jax.Array) -> jax.Array:
-    """z = (y − b) W⁻¹ for y (..., D), with one LU factorisation of W per call."""
+  def _refuse_inverse_in_relative_pass(self) -> None:
     if _ACTIVE.get() is not None:
-      raise ValueError(
-          "flax_relgrad.nnx.value_and_relative_grad: the loss runs a flow layer backwards (inverse "
-          "or sample). The relative gradient covers a loss that depends on a layer through its "
-          "output and its log|det W| only; for sampling-based losses (reverse KL, variational "
-          "inference) use nnx.value_and_grad."
-      )
-    return dense_inverse(self.kernel[...], None if self.bias is None else self.bias[...], y)
+      raise ValueError(f"flax_relgrad.nnx.value_and_relative_grad: {INVERSE_IN_RELATIVE_PASS}")
 
 
 class DiagonalGaussian(nnx.Module):
@@ -214,9 +214,9 @@ class DiagonalGaussian(nnx.Module):
     return self.loc[...], self.log_scale[...]
 
 
-class RationalQuadraticSpline(nnx.Module):
+class RationalQuadraticSpline(SplineMethods, nnx.Module):
   """A learned monotone rational-quadratic spline on every coordinate, identity outside
-  [−bound, bound] (NNX twin of `flax_relgrad.RationalQuadraticSpline`; identity at init).
+  [−bound, bound] (NNX binding of `flax_relgrad.core.splines`; identity at init).
 
   Args:
     width: D.
@@ -232,27 +232,58 @@ class RationalQuadraticSpline(nnx.Module):
     self.heights = nnx.Param(jnp.zeros((width, num_bins), param_dtype))
     self.derivatives = nnx.Param(jnp.zeros((width, num_bins - 1), param_dtype))
 
-  def knots(self) -> Knots:
+  def knots(self, width: int | None = None) -> Knots:
     """Knot positions x, y and derivatives, each (D, K + 1)."""
     return spline_knots(self.widths[...], self.heights[...], self.derivatives[...], self.bound)
 
-  def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """s(x) (..., D) and Σ_i log s_i'(x_i) per example, shape (...)."""
-    return spline_forward_and_log_det(self.knots(), self.bound, x)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """s(x), (..., D)."""
-    return self.forward_and_log_det(x)[0]
+class _NNXFlowHooks:
+  """The core's hooks for an NNX flow (`FlowMLP`, `ConditionalFlowMLP`)."""
 
-  def inverse(self, y: jax.Array) -> jax.Array:
-    """s⁻¹(y), (..., D), in closed form."""
-    return spline_inverse(self.knots(), self.bound, y)
+  width: int
+  layers: nnx.List
+  base_distribution: DiagonalGaussian | None
+
+  def _width(self) -> int | None:
+    return self.width
+
+  def _latent_dtype(self) -> Dtype:
+    return self.layers[0].kernel.dtype
+
+  def _base_params(self, width: int) -> GaussianParams:
+    return None if self.base_distribution is None else self.base_distribution()
+
+  def _build(
+      self,
+      width: int,
+      num_layers: int,
+      activation: Activation,
+      use_bias: bool,
+      kernel_init: Initializer,
+      param_dtype: Dtype,
+      base: str,
+      spline_bins: int,
+      spline_bound: float,
+      rngs: nnx.Rngs,
+  ) -> None:
+    check_flow_settings(num_layers, base, spline_bins)
+    self.width = width
+    self.activation = activation
+    self.layers = nnx.List([
+        FlowDense(width, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(num_layers)
+    ])
+    self.splines = nnx.List([
+        RationalQuadraticSpline(width, spline_bins, spline_bound, param_dtype=param_dtype)
+        for _ in range(num_layers)
+    ]) if spline_bins else None
+    self.base_distribution = DiagonalGaussian(width, param_dtype=param_dtype) if base == "diagonal_gaussian" else None
 
 
-class FlowMLP(nnx.Module):
+class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
   """A dense normalizing flow (NNX): `num_layers` square D×D layers, activations in between.
 
-  The NNX twin of `flax_relgrad.FlowMLP`, with the same methods and maths. Data → latent is
+  The NNX binding of `flax_relgrad.FlowMLP`, with the same methods and maths. Data → latent is
   the forward direction; every method maps the last axis (D) and keeps any leading batch
   shape; inputs must be non-empty with D = `width`.
 
@@ -276,88 +307,97 @@ class FlowMLP(nnx.Module):
       width: int,
       num_layers: int = 2,
       *,
-      activation: Activation = SmoothLeakyReLU(),
+      activation: Activation = DEFAULT_ACTIVATION,
       use_bias: bool = True,
-      kernel_init: Initializer = nnx.initializers.orthogonal(),
+      kernel_init: Initializer = ORTHOGONAL,
       param_dtype: Dtype = jnp.float32,
       base: str = "normal",
       spline_bins: int = 0,
       spline_bound: float = 4.0,
       rngs: nnx.Rngs,
   ):
-    if num_layers < 1:
-      raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
-    check_spline_bins(spline_bins)
-    check_base(base)
-    self.width = width
-    self.activation = activation
-    self.layers = nnx.List([
-        FlowDense(width, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(num_layers)
-    ])
-    self.splines = nnx.List([
-        RationalQuadraticSpline(width, spline_bins, spline_bound, param_dtype=param_dtype)
-        for _ in range(num_layers)
-    ]) if spline_bins else None
-    self.base_distribution = DiagonalGaussian(width, param_dtype=param_dtype) if base == "diagonal_gaussian" else None
+    self._build(
+        width, num_layers, activation, use_bias, kernel_init, param_dtype, base, spline_bins, spline_bound, rngs
+    )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Data x (..., D) → latent z (..., D)."""
-    return self.forward_and_activation_log_det(x)[0]
 
-  def forward_and_activation_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Latent z (..., D) and the elementwise parts' log-det Σ_{k<L} Σ_i log σ'(y_k,i) (plus
-    the splines'), shape (...)."""
-    check_vectors(x, width=self.width)
-    return stack_forward(self.layers, self.activation, x, splines=self.splines)
+class ModulationHead(nnx.Module):
+  """Linear map from context features h (..., H) to every layer's (shift, log_scale) (..., D),
+  zero at init (NNX binding of `flax_relgrad.ModulationHead`).
 
-  def kernel_log_abs_det(self) -> jax.Array:
-    """Σ_k log|det W_k| (a scalar): O(L·D³) outside the relative pass, free in it."""
-    return sum(layer.log_abs_det() for layer in self.layers)
+  Args:
+    features: H.
+    width: D.
+    num_layers: L.
+    scale: whether to produce log-scales (otherwise they are 0: shifts only).
+    param_dtype: dtype of the parameters.
+    rngs: the `nnx.Rngs` of the linear map.
+  """
 
-  def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Latent z (..., D) and the exact log|det ∂z/∂x| per example, shape (...)."""
-    z, activation_log_det = self.forward_and_activation_log_det(x)
-    return z, activation_log_det + self.kernel_log_abs_det()
+  def __init__(
+      self, features: int, width: int, num_layers: int, *, scale: bool = True,
+      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
+  ):
+    self.width, self.num_layers, self.scale = width, num_layers, scale
+    outputs = num_layers * (2 if scale else 1) * width
+    self.linear = nnx.Linear(
+        features, outputs, kernel_init=nnx.initializers.zeros, param_dtype=param_dtype, rngs=rngs
+    )
 
-  def log_prob(self, x: jax.Array) -> jax.Array:
-    """Exact log p(x) = log p_base(z) + log|det ∂z/∂x| per example, shape (...)."""
-    z, log_det = self.forward_and_log_det(x)
-    return self.base_log_prob(z) + log_det
+  def __call__(self, h: jax.Array) -> list[Modulation]:
+    """Every layer's (shift, log_scale), each (..., D)."""
+    return split_modulations(self.linear(h), self.num_layers, self.scale, self.width)
 
-  def base_log_prob(self, z: jax.Array) -> jax.Array:
-    """log p_base(z) per latent (..., D), shape (...)."""
-    return gaussian_log_prob(z, self._base_params())
 
-  def inverse(self, z: jax.Array) -> jax.Array:
-    """Latent z (..., D) → data x (..., D): linear solves and Newton-inverted activations."""
-    check_vectors(z, "latents", self.width)
-    return stack_inverse(self.layers, self.activation, z, splines=self.splines)[0]
+class ConditionalFlowMLP(_NNXFlowHooks, ConditionalFlow, nnx.Module):
+  """A dense flow for p(x | c) (NNX): `FlowMLP` with context-dependent shifts and scales after
+  every dense layer (the NNX binding of `flax_relgrad.ConditionalFlowMLP`, same maths).
 
-  def inverse_and_log_det(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Data x = g⁻¹(z) (..., D) and log|det ∂x/∂z| per latent, shape (...)."""
-    check_vectors(z, "latents", self.width)
-    x, activation_log_det = stack_inverse(self.layers, self.activation, z, splines=self.splines)
-    return x, -(activation_log_det + self.kernel_log_abs_det())
+  Every method takes the context c (..., C) with the leading shape of x (..., D);
+  `sample(rng, c, sample_shape)` draws sample_shape + c.shape[:-1] + (D,).
 
-  def sample(self, rng: jax.Array, sample_shape: int | Sequence[int] = ()) -> jax.Array:
-    """Draws x = g⁻¹(z), z ~ p_base: shape sample_shape + (D,)."""
-    return self.inverse(self._base_sample(rng, sample_shape))
+  Args:
+    width: D.
+    context_features: H, the width of what the head reads: the conditioner's output
+      features, or C without a conditioner.
+    num_layers: number of dense layers L ≥ 1.
+    conditioner: an NNX module (or any callable) mapping c (..., C) to features (..., H),
+      e.g. a small MLP; None uses c itself.
+    activation: strictly increasing activation between layers.
+    context_scale: whether the context also scales each layer (else shifts only).
+    use_bias: whether the flow layers have biases.
+    kernel_init: kernel initializer of the flow layers.
+    param_dtype: dtype of the parameters.
+    base: "normal" or "diagonal_gaussian" (learned, as in `FlowMLP`).
+    rngs: the `nnx.Rngs` that draw the initial kernels.
+  """
 
-  def sample_and_log_prob(
-      self, rng: jax.Array, sample_shape: int | Sequence[int] = ()
-  ) -> tuple[jax.Array, jax.Array]:
-    """Draws x (sample_shape + (D,)) and their exact log p(x) (sample_shape), one pass."""
-    z = self._base_sample(rng, sample_shape)
-    x, log_det = self.inverse_and_log_det(z)
-    return x, self.base_log_prob(z) - log_det
+  def __init__(
+      self,
+      width: int,
+      context_features: int,
+      num_layers: int = 2,
+      *,
+      conditioner: Callable[[jax.Array], jax.Array] | None = None,
+      activation: Activation = DEFAULT_ACTIVATION,
+      context_scale: bool = True,
+      use_bias: bool = True,
+      kernel_init: Initializer = ORTHOGONAL,
+      param_dtype: Dtype = jnp.float32,
+      base: str = "normal",
+      rngs: nnx.Rngs,
+  ):
+    self._build(width, num_layers, activation, use_bias, kernel_init, param_dtype, base, 0, 1.0, rngs)
+    self.conditioner = conditioner
+    self.head = ModulationHead(
+        context_features, width, num_layers, scale=context_scale, param_dtype=param_dtype, rngs=rngs
+    )
 
-  def _base_params(self) -> GaussianParams:
-    return None if self.base_distribution is None else self.base_distribution()
-
-  def _base_sample(self, rng: jax.Array, sample_shape: int | Sequence[int]) -> jax.Array:
-    shape = sample_shape_tuple(sample_shape) + (self.width,)
-    return gaussian_sample(rng, shape, self.layers[0].kernel.dtype, self._base_params())
+  def _modulations(
+      self, context: tuple[jax.Array, ...], leading_shape: tuple[int, ...], width: int
+  ) -> Sequence[Modulation]:
+    c = check_context(context, leading_shape, type(self).__name__)
+    return self.head(c if self.conditioner is None else self.conditioner(c))
 
 
 LossFn = Callable[..., Any]
@@ -400,7 +440,36 @@ def value_and_relative_grad(
     The function `(model, *args, **kwargs) -> (value, grads)`.
   """
 
-  def value_and_grad_fn(model: nnx.Module, *args: Any, **kwargs: Any):
+  value_grad_and_args = value_grad_and_relative_args(
+      loss_fn, has_aux=has_aux, exact_loss=exact_loss, require_log_det=require_log_det
+  )
+
+  def value_and_grad_fn(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State]:
+    value, grads, relative_args = value_grad_and_args(model, *args, **kwargs)
+    return value, relative_gradients(nnx.state(model, nnx.Param), grads, relative_args)
+
+  return value_and_grad_fn
+
+
+def value_grad_and_relative_args(
+    loss_fn: LossFn,
+    *,
+    has_aux: bool = False,
+    exact_loss: bool = False,
+    require_log_det: bool = True,
+) -> Callable[..., tuple[Any, nnx.State, RelativeArgs]]:
+  """The pass of `value_and_relative_grad`, stopped before the rewrite: for
+  `optax.chain(fr.relative_jacobian(), ...)` in an `nnx.Optimizer`.
+
+  The returned function `(model, *args, **kwargs) -> (value, grads, relative_args)` gives the
+  same value, the Euclidean gradient with every flow layer's log|det W| a placeholder (not for
+  an optimizer on its own), and the `RelativeArgs` that complete it::
+
+      loss, grads, relative_args = grad_fn(model, x)
+      optimizer.update(model, grads, relative_args=relative_args)
+  """
+
+  def value_grad_and_args_fn(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State, RelativeArgs]:
     discovered, applied = _discover(model, loss_fn, args, kwargs)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     placeholders = _placeholders(discovered, params, applied, exact_loss, require_log_det)
@@ -408,18 +477,17 @@ def value_and_relative_grad(
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
       with _relative_pass(model, _by_layer(perturbations)) as tracker:
         output = loss_fn(model, *args, **kwargs)
-      loss, aux = output if has_aux else (output, None)
+      loss = output[0] if has_aux else output
       _check_scalar_loss(loss)
       calls = {path + (PREACTIVATION,): tuple(ys) for path, ys in tracker.preactivations.items()}
-      return loss, (aux, flax.traverse_util.unflatten_dict(calls))
+      return loss, (output, flax.traverse_util.unflatten_dict(calls))
 
-    (loss, (aux, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
+    (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
         loss_and_preactivations, argnums=(0, 1), has_aux=True
     )(model, placeholders, *args, **kwargs)
-    grads = relative_gradients(params, grads, preactivations, perturbation_grads)
-    return ((loss, aux) if has_aux else loss), grads
+    return output, grads, RelativeArgs(preactivations, perturbation_grads)
 
-  return value_and_grad_fn
+  return value_grad_and_args_fn
 
 
 def _discover(model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict) -> tuple[PyTree, set[Path]]:
@@ -439,7 +507,7 @@ def _discover(model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict) -> 
     return [tuple(tracker.preactivations[path]) for path in found["order"]]
 
   calls = jax.eval_shape(shapes, state)
-  flat = {path + (PREACTIVATION,): ys for path, ys in zip(found["order"], calls)}
+  flat = {path + (PREACTIVATION,): ys for path, ys in zip(found["order"], calls, strict=True)}
   for path in found["log_det_layers"]:
     flat[path + (LOG_ABS_DET,)] = jax.ShapeDtypeStruct((), jnp.float32)
   return flax.traverse_util.unflatten_dict(flat), set(found["order"])

@@ -10,20 +10,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from flax_relgrad.core.dense import LOG_ABS_DET
+from flax_relgrad.core.dense import PREACTIVATION
+from flax_relgrad.core.dense import factorisation_dtype
+from flax_relgrad.core.dense import kernel_log_abs_det
 from flax_relgrad.flow import INTERMEDIATES
-from flax_relgrad.flow import LOG_ABS_DET
 from flax_relgrad.flow import PERTURBATIONS
-from flax_relgrad.flow import PREACTIVATION
 from flax_relgrad.flow import FlowDense
-from flax_relgrad.flow import factorisation_dtype
-from flax_relgrad.flow import kernel_log_abs_det
+from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import relative_gradients
 
 PyTree = Any
@@ -37,18 +41,22 @@ def value_and_relative_grad(
     has_aux: bool = False,
     exact_loss: bool = False,
     require_log_det: bool = True,
+    mutable: Sequence[str] = (),
 ) -> Callable[..., tuple[Any, PyTree]]:
   """Like `jax.value_and_grad`, for a loss of a Linen module that contains flow layers.
 
   `loss_fn(module, *args, **kwargs)` computes the loss from the bound module (any methods,
   any number of flows, nested anywhere, beside ordinary layers), for example `fr.nll`
   (−mean `log_prob`) or `lambda m, x, c: -m.log_prob(x, c).mean()`; a method name works too.
-  The returned function `(params, *args, rngs=None, **kwargs) -> (value, grads)` applies it
-  as `model.apply({"params": params}, *args, method=loss_fn, rngs=rngs, **kwargs)`, with
+  The returned function `(params, *args, rngs=None, model_state=None, **kwargs) ->
+  (value, grads)` applies it as `model.apply({"params": params, **model_state}, *args,
+  method=loss_fn, rngs=rngs, mutable=mutable, **kwargs)`, with
 
-  - `value`: the loss, or `(loss, aux)` with `has_aux=True`. **Unless `exact_loss`, every
-    flow layer's log|det W| enters it — and aux — as 0**: the loss is then not the NLL
-    (evaluate `log_prob` in a plain `apply` when you report, or pass `exact_loss=True`);
+  - `value`: the loss, or `(loss, aux)` with `has_aux=True`; with `mutable`, `(that,
+    new_model_state)`, the updated collections as `apply(..., mutable=...)` returns them
+    (`BatchNorm`'s `batch_stats`). **Unless `exact_loss`, every flow layer's log|det W|
+    enters the loss — and aux — as 0**: the loss is then not the NLL (evaluate `log_prob` in
+    a plain `apply` when you report, or pass `exact_loss=True`);
   - `grads`: a tree like params. Every flow layer (a `FlowDense`, wherever it sits) gets its
     exact relative gradient, ΔW = Ŵ Ŵᵀ Ĝ restricted to W and b (Ŵ = [[W, 0], [b, 1]], Ĝ the
     Euclidean gradient of the full loss, every log|det W| term included; see
@@ -59,7 +67,8 @@ def value_and_relative_grad(
     averaging them across devices stays exact, because each flow leaf is linear in Ĝ.
 
   The bookkeeping is built from this call (a shape-only pass, free under jit), never from
-  `init`, so any batch size works.
+  `init`, so any batch size works. `value_grad_and_relative_args` is the same pass for the
+  Optax transform `relative_jacobian()`.
 
   Args:
     model: the Linen module (unbound).
@@ -77,53 +86,115 @@ def value_and_relative_grad(
     require_log_det: refuse a loss that applies a flow layer but never uses its
       log|det W| (a likelihood without it is wrong); pass False for a loss that truly does
       not contain it.
+    mutable: the collections the loss updates (e.g. `["batch_stats"]` for `nn.BatchNorm` in
+      training mode); their values go in as `model_state` and come back in `value`.
 
   Returns:
-    The function `(params, *args, rngs=None, **kwargs) -> (value, grads)`.
+    The function `(params, *args, rngs=None, model_state=None, **kwargs) -> (value, grads)`.
+  """
+  value_grad_and_args = value_grad_and_relative_args(
+      model, loss_fn, has_aux=has_aux, exact_loss=exact_loss, require_log_det=require_log_det, mutable=mutable
+  )
+
+  def value_and_grad_fn(params: PyTree, *args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
+    value, grads, relative_args = value_grad_and_args(params, *args, **kwargs)
+    return value, relative_gradients(params, grads, relative_args)
+
+  return value_and_grad_fn
+
+
+def value_grad_and_relative_args(
+    model: nn.Module,
+    loss_fn: LossFn | str,
+    *,
+    has_aux: bool = False,
+    exact_loss: bool = False,
+    require_log_det: bool = True,
+    mutable: Sequence[str] = (),
+) -> Callable[..., tuple[Any, PyTree, RelativeArgs]]:
+  """The pass of `value_and_relative_grad`, stopped before the rewrite: for the Optax
+  transform `relative_jacobian()`.
+
+  Same arguments. The returned function `(params, *args, rngs=None, model_state=None,
+  **kwargs) -> (value, grads, relative_args)` gives the same `value`, the *Euclidean*
+  gradient of the loss in which every flow layer's log|det W| is a placeholder (so its
+  kernel's leaf lacks the λ W⁻ᵀ term: these grads are not for an optimizer on their own), and
+  the `RelativeArgs` (every flow layer's y, δ and λ) that complete them. Hand both to
+  `optax.chain(fr.relative_jacobian(), ...)`::
+
+      loss, grads, relative_args = grad_fn(params, x)
+      updates, opt_state = tx.update(grads, opt_state, params, relative_args=relative_args)
   """
 
-  def value_and_grad_fn(params: PyTree, *args: Any, rngs: Any = None, **kwargs: Any):
-    def apply(params, perturbations, mutable):
-      variables = {"params": params}
+  def value_grad_and_args_fn(
+      params: PyTree, *args: Any, rngs: Any = None, model_state: PyTree = None, **kwargs: Any
+  ) -> tuple[Any, PyTree, RelativeArgs]:
+    model_state = _check_model_state(model_state, mutable)
+
+    def apply(params, perturbations, collections):
+      variables = {"params": params, **model_state}
       if perturbations is not None:
         variables[PERTURBATIONS] = perturbations
-      return model.apply(variables, *args, method=loss_fn, mutable=mutable, rngs=rngs, **kwargs)
+      return model.apply(
+          variables, *args, method=loss_fn, mutable=list(collections) + list(mutable), rngs=rngs, **kwargs
+      )
 
     applied_layers = set()
 
     def record_flow_layers(next_fun, args, kwargs, context):
-      if isinstance(context.module, FlowDense):
-        if context.method_name == "__call__":
-          applied_layers.add(tuple(context.module.path))
-        elif context.method_name == "inverse":
-          raise ValueError(
-              f"value_and_relative_grad: the loss runs flow layer '{'/'.join(context.module.path)}'"
-              " backwards (inverse or sample). The relative gradient covers a loss that depends on "
-              "a layer through its output and its log|det W| only; for sampling-based losses "
-              "(reverse KL, variational inference) use jax.value_and_grad."
-          )
+      if isinstance(context.module, FlowDense) and context.method_name == "__call__":
+        applied_layers.add(tuple(context.module.path))
       return next_fun(*args, **kwargs)
 
     def discover(params):
       with nn.intercept_methods(record_flow_layers):
         return apply(params, None, [INTERMEDIATES, PERTURBATIONS])[1].get(PERTURBATIONS, {})
 
-    discovered = jax.eval_shape(discover, params)
+    try:
+      discovered = jax.eval_shape(discover, params)
+    except flax.errors.ScopeCollectionNotFound as error:
+      raise ValueError(
+          f"value_and_relative_grad: the loss reads a variable collection that was not passed ({error}). "
+          "Pass the model's other collections as model_state={'batch_stats': ...} (and "
+          "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
+      ) from error
     placeholders = _placeholders(discovered, params, applied_layers, exact_loss, require_log_det)
 
     def loss_and_state(params, perturbations):
       output, state = apply(params, perturbations, [INTERMEDIATES])
-      loss, aux = output if has_aux else (output, None)
+      loss, _ = output if has_aux else (output, None)
       _check_scalar_loss(loss)
-      return loss, (aux, _preactivations(state.get(INTERMEDIATES, {})))
+      new_state = {name: state[name] for name in mutable if name in state}
+      return loss, (output, new_state, _preactivations(state.get(INTERMEDIATES, {})))
 
-    (loss, (aux, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
+    (_, (output, new_state, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
         loss_and_state, argnums=(0, 1), has_aux=True
     )(params, placeholders)
-    grads = relative_gradients(params, grads, preactivations, perturbation_grads)
-    return ((loss, aux) if has_aux else loss), grads
+    value = (output, new_state) if mutable else output
+    return value, grads, RelativeArgs(preactivations, perturbation_grads)
 
-  return value_and_grad_fn
+  return value_grad_and_args_fn
+
+
+def _check_model_state(model_state: PyTree, mutable: Sequence[str]) -> dict[str, Any]:
+  """The other collections as a dict, refusing names the bookkeeping owns."""
+  if isinstance(mutable, str):
+    raise TypeError(f"mutable must be a sequence of collection names, e.g. [{mutable!r}], not a string.")
+  model_state = dict(model_state or {})
+  reserved = {"params", INTERMEDIATES, PERTURBATIONS} & (set(model_state) | set(mutable))
+  if reserved:
+    raise ValueError(
+        f"value_and_relative_grad: {sorted(reserved)} cannot be in model_state or mutable: params are the "
+        "first argument, and the relative-gradient bookkeeping owns 'intermediates' and 'perturbations' "
+        "(read what your model sows with has_aux and Module.sow into another collection)."
+    )
+  missing = [name for name in mutable if name not in model_state]
+  if missing:
+    raise ValueError(
+        f"value_and_relative_grad: mutable names {missing} but model_state holds no such collection; "
+        "pass their current values, e.g. model_state={'batch_stats': variables['batch_stats']}."
+    )
+  return model_state
 
 
 def _placeholders(

@@ -16,13 +16,14 @@ likelihood. `relative_gradients` puts these in place of a gradient tree's flow-l
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.flow import LOG_ABS_DET
-from flax_relgrad.flow import PREACTIVATION
+from flax_relgrad.core.dense import LOG_ABS_DET
+from flax_relgrad.core.dense import PREACTIVATION
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -68,31 +69,91 @@ def relative_layer_update(
   return kernel_update, bias_update
 
 
-def relative_gradients(
-    params: PyTree, grads: PyTree, preactivations: PyTree, perturbation_grads: PyTree
-) -> PyTree:
+class RelativeArgs(NamedTuple):
+  """What turns the Euclidean gradient of a relative-gradient pass into the relative one.
+
+  Made by `value_grad_and_relative_args` (Linen) or `flax_relgrad.nnx.value_grad_and_relative_args`,
+  read by `relative_gradients` and `relative_jacobian()`; a pytree, so it passes through
+  `jax.jit` and `lax.scan`.
+
+  Attributes:
+    preactivations: at each flow layer's path P, P/preactivation: a tuple with the layer's y
+      of every call.
+    perturbation_grads: at P, P/preactivation (δ = ∂loss/∂y of every call) and
+      P/log_abs_det (λ = ∂loss/∂log|det W|).
+  """
+
+  preactivations: PyTree
+  perturbation_grads: PyTree
+
+
+def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> PyTree:
   """`grads` with the kernel and bias leaves of every flow layer replaced by (ΔW, Δb).
+
+  The one implementation of the rewrite, shared by `value_and_relative_grad` and
+  `relative_jacobian()`.
 
   Args:
     params: the parameters the gradients were taken at.
     grads: autodiff gradients of the loss with respect to params (nested dicts, or an NNX
       `nnx.State`).
-    preactivations: the `intermediates` each flow layer sowed: at its path P, P/preactivation
-      is a tuple with the layer's y of every call.
-    perturbation_grads: the gradient of the loss with respect to the `perturbations`
-      collection: P/preactivation (δ of every call) and P/log_abs_det (λ).
+    relative_args: the flow layers' y, δ and λ from the same pass.
 
   Returns:
     A tree like `grads`; the leaves of other parameters are untouched.
   """
-  replacements = _relative_updates(params, preactivations, perturbation_grads)
+  replacements = {
+      path: update
+      for layer in _layer_updates(params, relative_args)
+      for path, update in layer.replacements.items()
+  }
+  return jax.tree_util.tree_map_with_path(lambda key_path, leaf: replacements.get(_path(key_path), leaf), grads)
 
-  def replace(key_path, leaf):
-    # The dict keys of the path: Flax NNX's `nnx.State` adds attribute keys around its leaves.
-    path = tuple(str(key.key) for key in key_path if isinstance(key, jax.tree_util.DictKey))
-    return replacements.get(path, leaf)
 
-  return jax.tree_util.tree_map_with_path(replace, grads)
+def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> jax.Array:
+  """Whether `grads` differ from the Euclidean gradient that `relative_args` were made with,
+  beyond rounding (a boolean scalar): they were scaled, clipped, accumulated, averaged or
+  otherwise changed, or come from another batch.
+
+  Per flow layer, the bias leaf must equal Σ_rows δ; a layer without bias is checked through
+  its kernel leaf G, whose inner product with W must equal Σ_rows (y − b)·δ, as
+  ⟨zᵀ δ, W⟩ = Σ (z W)·δ. O(B·D) per layer.
+  """
+  leaves = {_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  mismatches = []
+  for layer in _layer_updates(params, relative_args):
+    if layer.bias_path is not None:
+      expected, tolerance_scale = layer.delta_sum, layer.delta_abs_sum
+      received = leaves[layer.bias_path]
+    else:
+      expected, tolerance_scale = layer.kernel_inner, layer.kernel_inner_abs
+      received = (leaves[layer.kernel_path] * layer.kernel).sum()
+    dtype = jnp.promote_types(expected.dtype, jnp.float32)
+    eps = jnp.finfo(jnp.promote_types(received.dtype, expected.dtype)).eps
+    error = jnp.linalg.norm((received - expected).astype(dtype).ravel())
+    allowed = 1e-3 * jnp.linalg.norm(expected.astype(dtype).ravel()) + jnp.sqrt(eps) * jnp.linalg.norm(
+        tolerance_scale.astype(dtype).ravel()
+    )
+    mismatches.append(~(error <= allowed))  # NaN counts as a mismatch
+  return jnp.any(jnp.stack(mismatches)) if mismatches else jnp.array(False)
+
+
+def _path(key_path: tuple[Any, ...]) -> Path:
+  """The dict keys of a pytree path: Flax NNX's `nnx.State` adds attribute keys around its leaves."""
+  return tuple(str(key.key) for key in key_path if isinstance(key, jax.tree_util.DictKey))
+
+
+class _LayerUpdate(NamedTuple):
+  """One flow layer's relative update and the sums that fingerprint its Euclidean gradient."""
+
+  replacements: dict[Path, jax.Array]
+  kernel: jax.Array
+  kernel_path: Path
+  bias_path: Path | None
+  delta_sum: jax.Array  # Σ_rows δ, the bias's Euclidean gradient
+  delta_abs_sum: jax.Array  # Σ_rows |δ|, the scale of its rounding
+  kernel_inner: jax.Array  # Σ_rows (y − b)·δ = ⟨G, W⟩
+  kernel_inner_abs: jax.Array  # Σ_rows |y − b|·|δ|
 
 
 def _flat(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
@@ -105,15 +166,20 @@ def _flat(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
   return flat
 
 
-def _relative_updates(
-    params: PyTree, preactivations: PyTree, perturbation_grads: PyTree
-) -> dict[Path, jax.Array]:
-  """{path of a kernel or bias leaf: its relative update} for every flow layer."""
-  flat_params = _flat(params)
-  flat_intermediates = _flat(preactivations)
-  flat_perturbations = _flat(perturbation_grads)
+def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUpdate]:
+  """Every flow layer's relative update (kernel and bias leaves) and fingerprint sums."""
+  if not isinstance(relative_args, RelativeArgs):
+    raise TypeError(
+        f"relative_args must be the RelativeArgs that value_grad_and_relative_args returns, got "
+        f"{type(relative_args).__name__}."
+    )
+  flat_params = {_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat_intermediates = _flat(relative_args.preactivations)
+  flat_perturbations = _flat(relative_args.perturbation_grads)
   layers = sorted({path[:-1] for path in flat_perturbations if path[-1] in (PREACTIVATION, LOG_ABS_DET)})
-  replacements = {}
+  if not layers:
+    raise ValueError("relative_args hold no flow layer: they must come from value_grad_and_relative_args.")
+  updates = []
   for layer_path in layers:
     layer = "/".join(layer_path) or "<root>"
     layer_params = {
@@ -127,17 +193,30 @@ def _relative_updates(
     kernel, bias = _check_layer(layer, layer_params, ys, deltas, log_det_grad)
     stacked = kernel.ndim - 2
     width = kernel.shape[-1]
-    rows = lambda arrays: jnp.concatenate(
-        [a.reshape(a.shape[:stacked] + (-1, width)) for a in arrays], axis=stacked
-    )
+
+    def rows(arrays, stacked=stacked, width=width):
+      return jnp.concatenate([a.reshape(a.shape[:stacked] + (-1, width)) for a in arrays], axis=stacked)
+
     update = relative_layer_update
     for _ in range(stacked):
       update = jax.vmap(update, in_axes=(0, None if bias is None else 0, 0, 0, 0))
-    kernel_update, bias_update = update(kernel, bias, rows(ys), rows(deltas), log_det_grad)
-    replacements[layer_path + ("kernel",)] = kernel_update
+    y, delta = rows(ys), rows(deltas)
+    kernel_update, bias_update = update(kernel, bias, y, delta, log_det_grad)
+    replacements = {layer_path + ("kernel",): kernel_update}
     if bias is not None:
       replacements[layer_path + ("bias",)] = bias_update
-  return replacements
+      y = y - jnp.expand_dims(bias, -2)
+    updates.append(_LayerUpdate(
+        replacements,
+        kernel,
+        layer_path + ("kernel",),
+        None if bias is None else layer_path + ("bias",),
+        delta.sum(-2),
+        jnp.abs(delta).sum(-2),
+        (y * delta).sum(),
+        (jnp.abs(y) * jnp.abs(delta)).sum(),
+    ))
+  return updates
 
 
 def _check_layer(
@@ -176,7 +255,7 @@ def _check_layer(
         f"{stack_shape}: under nn.vmap or nn.scan, use axis 0 for 'params', 'intermediates' and "
         "'perturbations'."
     )
-  for call, (y, delta) in enumerate(zip(preactivations, deltas)):
+  for call, (y, delta) in enumerate(zip(preactivations, deltas, strict=True)):
     if y.shape != delta.shape or y.shape[-1] != width or y.shape[: len(stack_shape)] != stack_shape:
       raise ValueError(
           f"{prefix} (call {call + 1}) has pre-activation {y.shape} and δ {delta.shape}, but "

@@ -112,7 +112,7 @@ def test_input_errors():
     apply("log_prob", jnp.ones((0, 3)))
   with pytest.raises(ValueError, match="sample_shape must be an int or a tuple"):
     apply("sample", jax.random.PRNGKey(0), 2.5)
-  with pytest.raises(ValueError, match="runs flow layer 'layers_1' backwards"):
+  with pytest.raises(ValueError, match="flow layer 'layers_1': the loss runs a flow layer backwards"):
     fr.value_and_relative_grad(model, lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean())(
         params, jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="base must be one of"):

@@ -53,3 +53,24 @@ def test_fit_refuses_bad_arrays_and_reports_divergence():
   with pytest.raises(FloatingPointError, match="fit diverged in epoch 1"):
     fr.fit(model, params, skewed_data(200, 0) * 1e3, skewed_data(50, 1), optimizer=optax.sgd(1e3),
            batch_size=50, progress=False)
+
+
+def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
+  """NumPy arrays (what most users hold) train exactly like the same values as JAX arrays; a
+  NaN or inf is refused before training with its row."""
+  model = fr.FlowMLP(1)
+  train, validation = np.asarray(skewed_data(300, 0)), np.asarray(skewed_data(100, 1))
+  params = model.init(jax.random.PRNGKey(0), train[:1])["params"]
+  run = lambda t, v: fr.fit(model, params, t, v, max_epochs=2, batch_size=50, progress=False).history
+  assert run(train, validation) == run(jnp.asarray(train), jnp.asarray(validation))
+  assert len(run(train.tolist(), validation.tolist())["train_nll"]) == 2  # nested lists
+  broken = train.copy()
+  broken[17, 2] = np.nan
+  with pytest.raises(ValueError, match=r"train holds non-finite values \(NaN or inf\), first in row 17"):
+    run(broken, validation)
+  context = np.ones((100, 1))
+  context[3] = np.inf
+  conditional = fr.ConditionalFlowMLP(1)
+  conditional_params = conditional.init(jax.random.PRNGKey(0), train[:1], context[:1])["params"]
+  with pytest.raises(ValueError, match=r"validation\[1\] holds non-finite values .* row 3"):
+    fr.fit(conditional, conditional_params, (train, np.ones((300, 1))), (validation, context), progress=False)

@@ -216,5 +216,5 @@ def test_loss_through_the_inverse_is_refused():
   eps = jnp.ones((4, 3))
   params = model.init(jax.random.PRNGKey(0), eps)["params"]
   reverse_kl = lambda m, e: jnp.mean(m.log_prob(m.inverse(e)) + 0.5 * jnp.sum(m.inverse(e) ** 2, -1))
-  with pytest.raises(ValueError, match="runs flow layer 'layers_0' backwards"):
+  with pytest.raises(ValueError, match="flow layer 'layers_0': the loss runs a flow layer backwards"):
     fr.value_and_relative_grad(model, reverse_kl)(params, eps)
