@@ -363,12 +363,8 @@ class ConditionalFlowMLP(_NNXFlowHooks, ConditionalFlow, nnx.Module):
     num_layers: number of dense layers L ≥ 1.
     conditioner: an NNX module (or any callable) mapping c (..., C) to features (..., H),
       e.g. a small MLP; None uses c itself.
-    activation: strictly increasing activation between layers.
-    context_scale: whether the context also scales each layer (else shifts only).
-    use_bias: whether the flow layers have biases.
-    kernel_init: kernel initializer of the flow layers.
-    param_dtype: dtype of the parameters.
-    base: "normal" or "diagonal_gaussian" (learned, as in `FlowMLP`).
+    activation, context_scale, use_bias, kernel_init, param_dtype, base: as in the Linen
+      `flax_relgrad.ConditionalFlowMLP`.
     rngs: the `nnx.Rngs` that draw the initial kernels.
   """
 

@@ -158,6 +158,12 @@ def value_grad_and_relative_args(
           "Pass the model's other collections as model_state={'batch_stats': ...} (and "
           "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
       ) from error
+    except jax.errors.UnexpectedTracerError as error:
+      raise ValueError(RAW_TRANSFORM) from error
+    except (IndexError, ValueError) as error:
+      if not _looks_like_lifted_axes(error):
+        raise
+      raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
     placeholders = _placeholders(discovered, params, applied_layers, exact_loss, require_log_det)
 
     def loss_and_state(params, perturbations):
@@ -167,13 +173,39 @@ def value_grad_and_relative_args(
       new_state = {name: state[name] for name in mutable if name in state}
       return loss, (output, new_state, _preactivations(state.get(INTERMEDIATES, {})))
 
-    (_, (output, new_state, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
-        loss_and_state, argnums=(0, 1), has_aux=True
-    )(params, placeholders)
+    try:
+      (_, (output, new_state, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
+          loss_and_state, argnums=(0, 1), has_aux=True
+      )(params, placeholders)
+    except jax.errors.UnexpectedTracerError as error:
+      raise ValueError(RAW_TRANSFORM) from error
     value = (output, new_state) if mutable else output
     return value, grads, RelativeArgs(preactivations, perturbation_grads)
 
   return value_grad_and_args_fn
+
+
+RAW_TRANSFORM = (
+    "value_and_relative_grad: a flow layer leaked a traced value out of a JAX transform: the loss "
+    "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint, where Flax cannot record "
+    "its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
+    "with variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
+    "variable_broadcast='params' for one flow shared by every step)."
+)
+
+LIFTED_AXES = (
+    "value_and_relative_grad: applying the loss failed with an axis error; if it runs a flow "
+    "layer inside nn.vmap or nn.scan, check their axes. "
+    "The relative gradient needs 'intermediates' and 'perturbations' on axis 0, and 'params' on "
+    "axis 0 (one flow per index) or broadcast (variable_broadcast='params', one flow shared), "
+    "e.g. nn.vmap(..., variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0})"
+)
+
+
+def _looks_like_lifted_axes(error: Exception) -> bool:
+  """Whether an error of the discovery pass is what Flax's lifted transforms raise for a
+  collection on the wrong axis (the library's own checks raise neither of these)."""
+  return isinstance(error, IndexError) or "out of bounds" in str(error)
 
 
 def _check_model_state(model_state: PyTree, mutable: Sequence[str]) -> dict[str, Any]:
@@ -231,10 +263,13 @@ def _placeholders(
         raise ValueError(f"value_and_relative_grad: flow layer '{name}' was applied to an empty batch {y.shape}.")
     placeholders[layer + (PREACTIVATION,)] = tuple(jnp.zeros(y.shape, y.dtype) for y in preactivations)
     kernel = flat_params[layer + ("kernel",)]
+    # One value per kernel; under nn.scan with broadcast params, one per step (shape (T,)).
+    discovered_log_det = flat.get(layer + (LOG_ABS_DET,))
+    shape = kernel.shape[:-2] if discovered_log_det is None else discovered_log_det.shape
     if exact_loss:
-      log_abs_det = kernel_log_abs_det(jax.lax.stop_gradient(kernel))
+      log_abs_det = jnp.broadcast_to(kernel_log_abs_det(jax.lax.stop_gradient(kernel)), shape)
     else:
-      log_abs_det = jnp.zeros(kernel.shape[:-2], factorisation_dtype(kernel.dtype))
+      log_abs_det = jnp.zeros(shape, factorisation_dtype(kernel.dtype))
     # Unused by a loss without the log-det (require_log_det=False), it gets gradient λ = 0.
     placeholders[layer + (LOG_ABS_DET,)] = log_abs_det
     if layer + (LOG_ABS_DET,) not in flat and require_log_det:

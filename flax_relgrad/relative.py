@@ -190,7 +190,7 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
     deltas = flat_perturbations.get(layer_path + (PREACTIVATION,))
     log_det_grad = flat_perturbations.get(layer_path + (LOG_ABS_DET,))
     ys = flat_intermediates.get(layer_path + (PREACTIVATION,))
-    kernel, bias = _check_layer(layer, layer_params, ys, deltas, log_det_grad)
+    kernel, bias, log_det_grad = _check_layer(layer, layer_params, ys, deltas, log_det_grad)
     stacked = kernel.ndim - 2
     width = kernel.shape[-1]
 
@@ -225,8 +225,8 @@ def _check_layer(
     preactivations: tuple[jax.Array, ...] | None,
     deltas: tuple[jax.Array, ...] | None,
     log_det_grad: jax.Array | None,
-) -> tuple[jax.Array, jax.Array | None]:
-  """The layer's (kernel, bias) after checking everything the update relies on."""
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """The layer's (kernel, bias, λ) after checking everything the update relies on."""
   prefix = f"flow layer '{layer}'"
   kernel = layer_params.get("kernel")
   bias = layer_params.get("bias")
@@ -249,6 +249,10 @@ def _check_layer(
   stack_shape, width = kernel.shape[:-2], kernel.shape[-1]
   if bias is not None and bias.shape != stack_shape + (width,):
     raise ValueError(f"{prefix} has bias {bias.shape}, expected {stack_shape + (width,)}.")
+  if stack_shape == () and jnp.ndim(log_det_grad) > 0:
+    # One kernel used at every step of nn.scan (or nn.vmap) with broadcast params: its Ĝ is
+    # the sum over the steps, so λ sums and every step's rows join the layer's rows.
+    log_det_grad = jnp.sum(log_det_grad)
   if jnp.shape(log_det_grad) != stack_shape:
     raise ValueError(
         f"{prefix} has a log-det gradient of shape {jnp.shape(log_det_grad)}, expected "
@@ -264,4 +268,4 @@ def _check_layer(
       )
   if sum(y.size for y in preactivations) == 0:
     raise ValueError(f"{prefix} was applied to an empty batch; there is nothing to learn from.")
-  return kernel, bias
+  return kernel, bias, log_det_grad

@@ -5,6 +5,7 @@ In float64: the gradient `frn.value_and_relative_grad` gives every flow layer mu
 parameter its autodiff gradient, and 100 Adam steps must land on the Linen flow's parameters.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,3 +256,60 @@ def test_stacked_flows_under_nnx_vmap_are_refused():
   log_prob = nnx.vmap(lambda flow, x: flow.log_prob(x), in_axes=(0, None), out_axes=0)
   with pytest.raises(ValueError, match="not an attribute of the model passed"):
     frn.value_and_relative_grad(lambda m, x: -log_prob(m, x).mean())(flows, jnp.ones((4, 3)))
+
+
+class Conditioner(nnx.Module):
+  """A small MLP c (..., 2) → h (..., 5)."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(2, 5, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, c):
+    return jnp.tanh(self.linear(c))
+
+
+def test_conditional_brute_force_and_linen_parity(float64):
+  """NNX ConditionalFlowMLP (a conditioner, context scales, a learned base): relative update
+  vs brute force; log_prob, the inverse and sample_and_log_prob equal to the Linen module's
+  on the same params (the Linen module is checked against jacfwd in test_conditional.py)."""
+  model = frn.ConditionalFlowMLP(
+      3, 5, 2, conditioner=Conditioner(nnx.Rngs(1)), activation=fr.SmoothLeakyReLU(0.2),
+      param_dtype=F64, base="diagonal_gaussian", rngs=nnx.Rngs(0),
+  )
+  perturb(model, 4)
+  x, c = normal(5, (7, 3)), normal(6, (7, 2))
+  layers, others, error = check_against_brute_force(model, lambda m, x, c: -m.log_prob(x, c).mean(), x, c)
+  assert layers == ["layers/0", "layers/1"] and len(others) == 6  # base (2), conditioner (2), head (2)
+  assert error < 1e-10
+
+  class LinenConditioner(nn.Module):
+    @nn.compact
+    def __call__(self, c):
+      return jnp.tanh(nn.Dense(5, param_dtype=F64, name="linear")(c))
+
+  linen = fr.ConditionalFlowMLP(
+      2, LinenConditioner(), fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"
+  )
+  state = flat(nnx.as_pure(nnx.state(model, nnx.Param)))
+  params = {
+      "layers_0": {"kernel": state["layers/0/kernel"], "bias": state["layers/0/bias"]},
+      "layers_1": {"kernel": state["layers/1/kernel"], "bias": state["layers/1/bias"]},
+      "conditioner": {"linear": {"kernel": state["conditioner/linear/kernel"], "bias": state["conditioner/linear/bias"]}},
+      "head": {"Dense_0": {"kernel": state["head/linear/kernel"], "bias": state["head/linear/bias"]}},
+      "base_distribution": {"loc": state["base_distribution/loc"], "log_scale": state["base_distribution/log_scale"]},
+  }
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+      linen.init(jax.random.PRNGKey(0), x, c, method="log_prob")["params"]
+  )
+  apply = lambda method, *args: linen.apply({"params": params}, *args, method=method)
+  np.testing.assert_allclose(model.log_prob(x, c), apply("log_prob", x, c), rtol=1e-13)
+  z = model(x, c)
+  np.testing.assert_allclose(model.inverse(z, c), x, atol=1e-12)
+  draws, log_p = model.sample_and_log_prob(jax.random.PRNGKey(3), c, 4)
+  linen_draws, linen_log_p = apply("sample_and_log_prob", jax.random.PRNGKey(3), c, 4)
+  assert draws.shape == (4, 7, 3)
+  np.testing.assert_allclose(draws, linen_draws, atol=1e-12)
+  np.testing.assert_allclose(log_p, linen_log_p, rtol=1e-12)
+  np.testing.assert_allclose(log_p, model.log_prob(draws, jnp.broadcast_to(c, (4, 7, 2))), rtol=1e-10)
+  with pytest.raises(TypeError, match="takes one context array"):
+    model.log_prob(x)

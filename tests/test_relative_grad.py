@@ -81,6 +81,24 @@ Ensemble = nn.vmap(
 )
 
 
+class ScanStep(nn.Module):
+  """One step of a recurrence: the same flow maps x_t, with a carry it does not use."""
+
+  @nn.compact
+  def __call__(self, carry, x_t):
+    return carry, fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=F64).log_prob(x_t)
+
+
+class SharedFlowOverTime(nn.Module):
+  """nn.scan over T of (B, T, D) with the flow's params broadcast: one flow for every step."""
+
+  @nn.compact
+  def log_prob(self, x):
+    scan = nn.scan(ScanStep, variable_broadcast="params", split_rngs={"params": False},
+                   variable_axes={"intermediates": 0, "perturbations": 0}, in_axes=1, out_axes=1)
+    return scan()(jnp.zeros(()), x)[1].sum(-1)
+
+
 def conditional(use_bias):
   conditioner = nn.Sequential([nn.Dense(6, param_dtype=F64), nn.tanh])
   return fr.ConditionalFlowMLP(2, conditioner, fr.SmoothLeakyReLU(0.2), use_bias=use_bias, param_dtype=F64)
@@ -151,6 +169,7 @@ CASES = {
     "sequence_btd": lambda: (SequenceFlow(), (normal(5, (4, 6, 3)),), 2, 0),
     "image_1x1_conv": lambda: (Glow1x1(), (normal(6, (2, 5, 4, 3)),), 2, 0),
     "vmap_ensemble": lambda: (Ensemble(2, param_dtype=F64), (normal(7, (8, 3)),), 2, 0),
+    "scan_broadcast_params": lambda: (SharedFlowOverTime(), (normal(10, (5, 4, 3)),), 2, 0),
 }
 
 
@@ -298,3 +317,22 @@ class FloatFlowWithLearnedBase(nn.Module):
     loc = self.param("loc", nn.initializers.zeros, x.shape[-1:])
     log_scale = self.param("log_scale", nn.initializers.zeros, x.shape[-1:])
     return gaussian_log_prob(z, loc, log_scale) + log_det
+
+
+def test_unclear_transform_errors_become_clear():
+  """A raw jax.lax.scan over a flow, and nn.vmap with the collections on axis 1, get errors
+  that say what to do instead of Flax's UnexpectedTracerError and "axis 1 is out of bounds"."""
+
+  class RawScan(nn.Module):
+    @nn.compact
+    def log_prob(self, x):
+      flow = fr.FlowMLP(1)
+      return jax.lax.scan(lambda c, x_t: (c, flow.log_prob(x_t)), 0.0, jnp.swapaxes(x, 0, 1))[1].sum(0)
+
+  axis_one = nn.vmap(fr.FlowMLP, variable_axes={"params": 1, "intermediates": 1, "perturbations": 1},
+                     split_rngs={"params": True}, in_axes=None, axis_size=2, methods=["log_prob"])
+  for model, x, message in ((RawScan(), jnp.ones((4, 3, 2)), "inside a raw jax.lax.scan"),
+                            (axis_one(1), jnp.ones((4, 2)), "'perturbations' on axis 0")):
+    params = model.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
+    with pytest.raises(ValueError, match=message):
+      fr.value_and_relative_grad(model, mean_nll)(params, x)
