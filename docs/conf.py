@@ -6,7 +6,6 @@ Build (offline, warnings are errors):
 """
 
 import dataclasses
-import glob
 import inspect
 import os
 import sys
@@ -23,16 +22,17 @@ copyright = "flax_relgrad authors, Apache-2.0"  # pylint: disable=redefined-buil
 release = version = flax_relgrad.__version__
 
 extensions = [
-    "myst_parser",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.mathjax",
-    "sphinx.ext.napoleon",
+  "myst_parser",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.napoleon",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 # docs/scaling, docs/scaling_gpu and docs/toy hold benchmark outputs the README links to.
-exclude_patterns = ["_build", "scaling", "scaling_gpu", "toy", "README.md"]
+# pypi.md is the package page on PyPI (pyproject.toml `readme`), not a page of these docs.
+exclude_patterns = ["_build", "scaling", "scaling_gpu", "toy", "README.md", "pypi.md"]
 
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
@@ -49,30 +49,26 @@ autosummary_generate = False
 html_theme = "sphinx_book_theme"
 html_title = f"flax_relgrad {release}"
 
-# Fields of the public dataclasses (Linen modules, activations) are described in each class's
-# `Attributes:` section; autodoc would also list some of them, with the docstring of their
-# default value's type (e.g. `param_dtype` with numpy's float32 docstring).
-_FIELDS = {
-    field.name
-    for name in flax_relgrad.__all__
-    if dataclasses.is_dataclass(obj := getattr(flax_relgrad, name))
-    for field in dataclasses.fields(obj)
-}
+
+def _fields(obj) -> tuple[str, ...]:
+  """The field names of a dataclass or a NamedTuple class; () for anything else."""
+  if dataclasses.is_dataclass(obj):
+    return tuple(field.name for field in dataclasses.fields(obj))
+  if isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields"):
+    return obj._fields
+  return ()
 
 
-def _skip_dataclass_fields(app, what, name, obj, skip, options):
+# Fields of the public dataclasses (Linen modules, activations) and NamedTuples are described
+# in each class's `Attributes:` section; autodoc would list them a second time (a NamedTuple's
+# as "Alias for field number N", a dataclass's with the docstring of its default value's type,
+# e.g. `param_dtype` with numpy's float32 docstring), and Sphinx warns about the duplicates.
+_FIELDS = {field for name in flax_relgrad.__all__ for field in _fields(getattr(flax_relgrad, name))}
+
+
+def _skip_fields(app, what, name, obj, skip, options):
   del app, obj, options
   return True if what == "class" and name in _FIELDS else skip
-
-
-def _drop_missing_method_page(app, docname, source):
-  """index.md's toctree takes the maths page (docs/method.md) through the glob `method*`.
-
-  Until that page exists the glob matches nothing, and Sphinx warns about that in a way
-  `suppress_warnings` cannot silence, so the entry is dropped then.
-  """
-  if docname == "index" and not glob.glob(os.path.join(app.srcdir, "method*.md")):
-    source[0] = source[0].replace("\nmethod*\n", "\n")
 
 
 def _constant_doc(name: str) -> str:
@@ -95,14 +91,15 @@ def _public_names(app, docname, source):
   names = [n for n in flax_relgrad.__all__ if not is_constant(getattr(flax_relgrad, n))]
   constants = [n for n in flax_relgrad.__all__ if is_constant(getattr(flax_relgrad, n))]
   source[0] = source[0].replace("@PUBLIC_NAMES@", "\n   ".join(names))
-  source[0] = source[0].replace("@PUBLIC_CONSTANTS@", "\n".join(
-      f".. data:: {name}\n   :value: {getattr(flax_relgrad, name)!r}\n\n"
-      f"   {_constant_doc(name)}\n"
+  source[0] = source[0].replace(
+    "@PUBLIC_CONSTANTS@",
+    "\n".join(
+      f".. data:: {name}\n   :value: {getattr(flax_relgrad, name)!r}\n\n   {_constant_doc(name)}\n"
       for name in constants
-  ))
+    ),
+  )
 
 
 def setup(app):
-  app.connect("autodoc-skip-member", _skip_dataclass_fields)
-  app.connect("source-read", _drop_missing_method_page)
+  app.connect("autodoc-skip-member", _skip_fields)
   app.connect("source-read", _public_names)
