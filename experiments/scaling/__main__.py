@@ -25,20 +25,34 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> tuple[timing.BenchmarkConfig, pathlib.Path]:
   """The benchmark config and output directory from the command line."""
   defaults = timing.BenchmarkConfig()
-  parser = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.scaling",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--output_dir", type=pathlib.Path, default=pathlib.Path("docs/scaling"))
-  parser.add_argument("--widths", type=_int_tuple, default=defaults.widths, help="comma-separated D grid")
-  parser.add_argument("--batch_sizes", type=_int_tuple, default=defaults.batch_sizes,
-                      help="comma-separated B grid")
+  parser.add_argument(
+    "--widths", type=_int_tuple, default=defaults.widths, help="comma-separated D grid"
+  )
+  parser.add_argument(
+    "--batch_sizes", type=_int_tuple, default=defaults.batch_sizes, help="comma-separated B grid"
+  )
   parser.add_argument("--num_layers", type=int, default=defaults.num_layers)
   parser.add_argument("--alpha", type=float, default=defaults.alpha)
   parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
   parser.add_argument("--repetitions", type=int, default=defaults.repetitions)
-  parser.add_argument("--min_repetition_s", type=float, default=defaults.min_repetition_s,
-                      help="steps per repetition fill about this many seconds (at least one)")
-  parser.add_argument("--time_cap_s", type=float, default=defaults.time_cap_s,
-                      help="skip a method at larger D once its step would exceed this")
+  parser.add_argument(
+    "--min_repetition_s",
+    type=float,
+    default=defaults.min_repetition_s,
+    help="steps per repetition fill about this many seconds (at least one)",
+  )
+  parser.add_argument(
+    "--time_cap_s",
+    type=float,
+    default=defaults.time_cap_s,
+    help="skip a method at larger D once its step would exceed this",
+  )
   parser.add_argument("--fit_min_width", type=int, default=defaults.fit_min_width)
   parser.add_argument("--seed", type=int, default=defaults.seed)
   args = vars(parser.parse_args(argv))

@@ -38,7 +38,9 @@ import flax_relgrad as fr
 import flax_relgrad.nnx as frn
 
 
-def linen_step(num_layers: int, alpha: float, learning_rate: float, x: jax.Array) -> Callable[[], jax.Array]:
+def linen_step(
+  num_layers: int, alpha: float, learning_rate: float, x: jax.Array
+) -> Callable[[], jax.Array]:
   """A closure that runs one Linen step on x and returns the loss (state kept inside)."""
   model = fr.FlowMLP(num_layers, fr.SmoothLeakyReLU(alpha))
   params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
@@ -55,7 +57,12 @@ def linen_step(num_layers: int, alpha: float, learning_rate: float, x: jax.Array
 
 
 def nnx_step(
-    width: int, num_layers: int, alpha: float, learning_rate: float, x: jax.Array, cached: bool = False
+  width: int,
+  num_layers: int,
+  alpha: float,
+  learning_rate: float,
+  x: jax.Array,
+  cached: bool = False,
 ) -> Callable[[], jax.Array]:
   """A closure that runs one NNX step on x and returns the loss (through
   `nnx.cached_partial` if `cached`)."""
@@ -76,7 +83,7 @@ def nnx_step(
 
 
 def time_steps(
-    steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int
+  steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int
 ) -> dict[str, list[float]]:
   """Seconds per step of each repetition, the steps interleaved (order rotating)."""
   for run in steps.values():
@@ -84,7 +91,7 @@ def time_steps(
   times: dict[str, list[float]] = {name: [] for name in steps}
   names = list(steps)
   for repetition in range(repetitions):
-    for name in names[repetition % len(names):] + names[:repetition % len(names)]:
+    for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
       start = time.perf_counter()
       for _ in range(steps_per_repetition):
         loss = steps[name]()
@@ -94,8 +101,11 @@ def time_steps(
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m experiments.scaling.nnx_vs_linen", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.scaling.nnx_vs_linen",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--width", type=int, default=784)
   parser.add_argument("--batch_size", type=int, default=100)
   parser.add_argument("--num_layers", type=int, default=2)
@@ -107,17 +117,21 @@ def main(argv: list[str] | None = None) -> None:
   x = jax.random.normal(jax.random.PRNGKey(1), (args.batch_size, args.width), jnp.float32)
   settings = (args.num_layers, args.alpha, args.learning_rate, x)
   steps = {
-      "linen": linen_step(*settings),
-      "nnx": nnx_step(args.width, *settings),
-      "nnx_cached": nnx_step(args.width, *settings, cached=True),
+    "linen": linen_step(*settings),
+    "nnx": nnx_step(args.width, *settings),
+    "nnx_cached": nnx_step(args.width, *settings, cached=True),
   }
   times = time_steps(steps, args.repetitions, args.steps)
   medians = {name: statistics.median(values) for name, values in times.items()}
-  print(f"D = {args.width}, B = {args.batch_size}, L = {args.num_layers}, {args.repetitions} repetitions × "
-        f"{args.steps} steps, {jax.devices()[0].device_kind}")
+  print(
+    f"D = {args.width}, B = {args.batch_size}, L = {args.num_layers}, {args.repetitions} repetitions × "
+    f"{args.steps} steps, {jax.devices()[0].device_kind}"
+  )
   for name, values in times.items():
-    print(f"{name:10s} median {1e3 * medians[name]:8.3f} ms/step "
-          f"(min {1e3 * min(values):.3f}, max {1e3 * max(values):.3f})")
+    print(
+      f"{name:10s} median {1e3 * medians[name]:8.3f} ms/step "
+      f"(min {1e3 * min(values):.3f}, max {1e3 * max(values):.3f})"
+    )
   for name in ("nnx", "nnx_cached"):
     print(f"ratio {name} / linen = {medians[name] / medians['linen']:.3f}")
 

@@ -46,11 +46,13 @@ PLOT_RANGE = ((-6.0, 6.0), (-3.0, 9.0))
 
 def log_target(x: jax.Array) -> jax.Array:
   """The unnormalised banana log p̃(x) for x (..., 2), shape (...)."""
-  return -x[..., 0] ** 2 / 8 - (x[..., 1] - x[..., 0] ** 2 / 4) ** 2 / 2
+  return -(x[..., 0] ** 2) / 8 - (x[..., 1] - x[..., 0] ** 2 / 4) ** 2 / 2
 
 
 def make_model() -> fr.FlowMLP:
-  return fr.FlowMLP(num_layers=3, activation=fr.SmoothLeakyReLU(alpha=0.5), base="diagonal_gaussian")
+  return fr.FlowMLP(
+    num_layers=3, activation=fr.SmoothLeakyReLU(alpha=0.5), base="diagonal_gaussian"
+  )
 
 
 def train(steps: int, batch_size: int, seed: int):
@@ -80,7 +82,9 @@ def train(steps: int, batch_size: int, seed: int):
 
 def reverse_kl(model: fr.FlowMLP, params, rng: jax.Array, num_samples: int) -> tuple[float, float]:
   """KL(q ‖ p) estimated on fresh samples, and 2 standard errors."""
-  sample = jax.jit(lambda p, rng: model.apply({"params": p}, rng, num_samples, method="sample_and_log_prob"))
+  sample = jax.jit(
+    lambda p, rng: model.apply({"params": p}, rng, num_samples, method="sample_and_log_prob")
+  )
   x, log_q = sample(params, rng)
   terms = np.asarray(log_q - log_target(x), np.float64) + LOG_Z
   return float(terms.mean()), float(2 * terms.std(ddof=1) / math.sqrt(num_samples))
@@ -89,18 +93,31 @@ def reverse_kl(model: fr.FlowMLP, params, rng: jax.Array, num_samples: int) -> t
 def draw(model: fr.FlowMLP, params, path: str, grid_size: int = 200) -> None:
   """Three panels: target density, learned density, 2000 samples of q."""
   (x0, x1), (y0, y1) = PLOT_RANGE
-  axes_values = np.linspace(x0, x1, grid_size, dtype=np.float32), np.linspace(y0, y1, grid_size, dtype=np.float32)
+  axes_values = (
+    np.linspace(x0, x1, grid_size, dtype=np.float32),
+    np.linspace(y0, y1, grid_size, dtype=np.float32),
+  )
   grid = np.stack(np.meshgrid(*axes_values), axis=-1).reshape(-1, 2)
-  learned = np.asarray(jax.jit(lambda g: model.apply({"params": params}, g, method="log_prob"))(grid))
+  learned = np.asarray(
+    jax.jit(lambda g: model.apply({"params": params}, g, method="log_prob"))(grid)
+  )
   sample = jax.jit(lambda p, rng: model.apply({"params": p}, rng, 2000, method="sample"))
   samples = np.asarray(sample(params, jax.random.PRNGKey(7)))
   figure = mpl_figure.Figure(figsize=(12, 4))
   canvas = backend_agg.FigureCanvasAgg(figure)
-  panels = [("target p(x) = p̃(x) / 4π", np.asarray(log_target(grid)) - LOG_Z), ("learned q(x)", learned)]
+  panels = [
+    ("target p(x) = p̃(x) / 4π", np.asarray(log_target(grid)) - LOG_Z),
+    ("learned q(x)", learned),
+  ]
   for index, (title, log_prob) in enumerate(panels):
     axes = figure.add_subplot(1, 3, index + 1)
-    axes.imshow(np.exp(log_prob).reshape(grid_size, grid_size), origin="lower", extent=(x0, x1, y0, y1),
-                cmap="viridis", aspect="auto")
+    axes.imshow(
+      np.exp(log_prob).reshape(grid_size, grid_size),
+      origin="lower",
+      extent=(x0, x1, y0, y1),
+      cmap="viridis",
+      aspect="auto",
+    )
     axes.set_title(title)
   axes = figure.add_subplot(1, 3, 3)
   axes.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5)
@@ -112,18 +129,25 @@ def draw(model: fr.FlowMLP, params, path: str, grid_size: int = 200) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m experiments.toy.reverse_kl", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.toy.reverse_kl",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--output", default="docs/toy/reverse_kl.png", help="where the picture goes")
   parser.add_argument("--steps", type=int, default=5000, help="training steps")
   parser.add_argument("--batch_size", type=int, default=256, help="samples per step")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the samples")
+  parser.add_argument(
+    "--seed", type=int, default=0, help="seed of the initialisation and of the samples"
+  )
   args = parser.parse_args(argv)
   model, params = train(args.steps, args.batch_size, args.seed)
   kl, two_se = reverse_kl(model, params, jax.random.PRNGKey(args.seed + 2), 100_000)
   os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
   draw(model, params, args.output)
-  print(f"KL(q ‖ p) = {kl:.4f} ± {two_se:.4f} nats after {args.steps} steps; picture: {args.output}")
+  print(
+    f"KL(q ‖ p) = {kl:.4f} ± {two_se:.4f} nats after {args.steps} steps; picture: {args.output}"
+  )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,17 @@ def _is_abandoned_read(record: std_logging.LogRecord) -> bool:
 
 std_logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_read(record))
 
-MODEL_FIELDS = ("data_source", "dataset", "image_shape", "num_layers", "alpha", "use_bias", "lam", "spline_bins",
-                "spline_bound")
+MODEL_FIELDS = (
+  "data_source",
+  "dataset",
+  "image_shape",
+  "num_layers",
+  "alpha",
+  "use_bias",
+  "lam",
+  "spline_bins",
+  "spline_bound",
+)
 """Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 
 
@@ -46,27 +55,34 @@ class RunCheckpoints:
     # Across processes, two managers finalising asynchronous saves at once collide on Orbax's
     # barrier names; there, save synchronously.
     options = lambda keep: ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1)
+      max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1
+    )
     self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(2))
-    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1),
-                                      item_handlers=ocp.StandardCheckpointHandler())
+    self.best = ocp.CheckpointManager(
+      os.path.join(root, "best"), options=options(1), item_handlers=ocp.StandardCheckpointHandler()
+    )
 
   def save_latest(self, step: int, state: PyTree) -> None:
     self.latest.save(step, args=ocp.args.StandardSave(state))
 
   def save_best(self, step: int, params: PyTree, validation_ll: float) -> None:
-    self.best.save(step, args=ocp.args.StandardSave({"params": params}),
-                   metrics={"validation_ll": validation_ll})
+    self.best.save(
+      step, args=ocp.args.StandardSave({"params": params}), metrics={"validation_ll": validation_ll}
+    )
 
-  def restore_latest(self, abstract_state: PyTree, at_most_step: int | None = None) -> PyTree | None:
+  def restore_latest(
+    self, abstract_state: PyTree, at_most_step: int | None = None
+  ) -> PyTree | None:
     """The newest readable train state (with step ≤ at_most_step if given), or None if none is saved.
 
     An unreadable checkpoint (corrupt files) is skipped with a warning that names its step; once
     an older one is read, the unreadable newer ones are deleted (the resumed run saves those steps
     again). ValueError if every candidate is unreadable (then nothing is deleted).
     """
-    steps = sorted((step for step in self.latest.all_steps() if at_most_step is None or step <= at_most_step),
-                   reverse=True)
+    steps = sorted(
+      (step for step in self.latest.all_steps() if at_most_step is None or step <= at_most_step),
+      reverse=True,
+    )
     unreadable = []
     for step in steps:
       try:
@@ -78,14 +94,16 @@ class RunCheckpoints:
       for bad_step in unreadable:
         self.latest.delete(bad_step)
       if unreadable:
-        logging.warning("Resuming from step %d; deleted the unreadable checkpoints of steps %s.",
-                        step, unreadable)
+        logging.warning(
+          "Resuming from step %d; deleted the unreadable checkpoints of steps %s.", step, unreadable
+        )
       return state
     if unreadable:
       raise ValueError(
-          f"None of the checkpoints in {self.latest.directory} (steps {unreadable}) can be restored; "
-          "see the warnings above for each. They are corrupt or were written by another model or "
-          "optimiser; delete them or use a fresh --workdir.")
+        f"None of the checkpoints in {self.latest.directory} (steps {unreadable}) can be restored; "
+        "see the warnings above for each. They are corrupt or were written by another model or "
+        "optimiser; delete them or use a fresh --workdir."
+      )
     return None
 
   def discard_latest_after(self, step: int) -> None:
@@ -98,14 +116,18 @@ class RunCheckpoints:
     """(step, the best params' shapes as a tree of tuples), read from the checkpoint's metadata."""
     step = self.best.latest_step()
     if step is None:
-      raise FileNotFoundError(f"No best checkpoint in {self.best.directory}; train first with this --workdir.")
+      raise FileNotFoundError(
+        f"No best checkpoint in {self.best.directory}; train first with this --workdir."
+      )
     metadata = self.best.item_metadata(step)["params"]
     return step, jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), metadata)
 
   def restore_best_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
     """(step, params) of the best checkpoint."""
     if self.best.latest_step() is None:
-      raise FileNotFoundError(f"No best checkpoint in {self.best.directory}; train first with this --workdir.")
+      raise FileNotFoundError(
+        f"No best checkpoint in {self.best.directory}; train first with this --workdir."
+      )
     step = self.best.latest_step()
     return step, _restore(self.best, {"params": abstract_params}, step)["params"]
 
@@ -125,9 +147,9 @@ def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyT
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as error:  # Orbax raises several types for unreadable or mismatched data.
     raise ValueError(
-        f"Cannot restore the checkpoint at step {step} in {manager.directory} "
-        f"({type(error).__name__}: {str(error)[:300]}). It is corrupt or was written by "
-        "another model; delete it or use a fresh --workdir."
+      f"Cannot restore the checkpoint at step {step} in {manager.directory} "
+      f"({type(error).__name__}: {str(error)[:300]}). It is corrupt or was written by "
+      "another model; delete it or use a fresh --workdir."
     ) from error
 
 
@@ -141,12 +163,15 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as file:
       saved = json.load(file)
-    changed = {k: (saved[k], current[k]) for k in MODEL_FIELDS
-               if k in saved and k in current and saved[k] != current[k]}
+    changed = {
+      k: (saved[k], current[k])
+      for k in MODEL_FIELDS
+      if k in saved and k in current and saved[k] != current[k]
+    }
     if changed:
       raise ValueError(
-          f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "
-          "(saved, now)); use a fresh --workdir or the config it was trained with."
+        f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "
+        "(saved, now)); use a fresh --workdir or the config it was trained with."
       )
   if jax.process_index() != 0:
     return

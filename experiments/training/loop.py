@@ -55,12 +55,17 @@ class Run:
     if self.steps_per_epoch < 1:
       raise ValueError(f"The training split has {splits.num_train} examples, fewer than one batch.")
     self.total_steps = self.steps_per_epoch * config.num_epochs
-    self.model, self.tx = steps.create_model(config), steps.create_optimizer(config, self.total_steps)
+    self.model, self.tx = (
+      steps.create_model(config),
+      steps.create_optimizer(config, self.total_steps),
+    )
     self.eval_every_steps = self.steps_per_epoch * config.eval_every_epochs
     self.checkpoints = checkpoints.RunCheckpoints(workdir)
     self.writer = None  # Created by `train`: evaluation alone writes no event file.
     self.parallel = parallel.DataParallel.over_all_devices()
-    self.train_chunk = steps.make_train_chunk(self.model, self.tx, source, config.seed, self.parallel)
+    self.train_chunk = steps.make_train_chunk(
+      self.model, self.tx, source, config.seed, self.parallel
+    )
     self.eval_step = steps.make_eval_step(self.model, source, self.parallel)
     self.kernel_log_abs_det = steps.make_kernel_log_abs_det(self.model)
     self.picture = source.make_picture(self.model)
@@ -73,22 +78,30 @@ class Run:
 
   def make_initial_state(self) -> steps.TrainState:
     """The initial state, replicated over the mesh."""
-    make = lambda: steps.initial_state(self.model, self.tx, self.splits.num_features, self.config.seed)
+    make = lambda: steps.initial_state(
+      self.model, self.tx, self.splits.num_features, self.config.seed
+    )
     return jax.jit(make, out_shardings=self.parallel.replicated)()
 
   def abstract_state(self) -> steps.TrainState:
-    return steps.abstract_state(self.model, self.tx, self.splits.num_features, self.config.seed, self.parallel)
+    return steps.abstract_state(
+      self.model, self.tx, self.splits.num_features, self.config.seed, self.parallel
+    )
 
   def evaluate(self, params, y: np.ndarray) -> dict[str, float]:
-    return evaluation.evaluate(self.eval_step, params, y, self.config.eval_batch_size, self.parallel.put_batch)
+    return evaluation.evaluate(
+      self.eval_step, params, y, self.config.eval_batch_size, self.parallel.put_batch
+    )
 
   def fresh_state(self, validation_y: np.ndarray) -> steps.TrainState:
     """The initial state, with its validation NLL as the divergence reference until the first
     logged window (so a run that explodes within its first window is caught too)."""
     state = self.make_initial_state()
     initial_nll = -self.evaluate(state.params, validation_y)["ll"]
-    logging.info("Initial validation NLL %.2f: the divergence reference until the first logged window.",
-                 initial_nll)
+    logging.info(
+      "Initial validation NLL %.2f: the divergence reference until the first logged window.",
+      initial_nll,
+    )
     return state.replace(lowest_train_nll=jnp.full_like(state.lowest_train_nll, initial_nll))
 
   def initial_or_restored_state(self, validation_y: np.ndarray) -> steps.TrainState:
@@ -97,15 +110,23 @@ class Run:
     if state is None:
       return self.fresh_state(validation_y)
     logging.info("Resumed from step %d.", int(state.step))
-    return state.replace(loss_sum=jnp.zeros_like(state.loss_sum))  # Its window began before the restart.
+    return state.replace(
+      loss_sum=jnp.zeros_like(state.loss_sum)
+    )  # Its window began before the restart.
 
   def train(self, state: steps.TrainState, validation_y: np.ndarray) -> steps.TrainState:
     """Train steps from `state.step` until `num_epochs` or early stopping."""
     config = self.config
-    self.writer = metric_writers.create_default_writer(self.workdir, just_logging=jax.process_index() > 0)
+    self.writer = metric_writers.create_default_writer(
+      self.workdir, just_logging=jax.process_index() > 0
+    )
     if int(state.step) == 0:
-      self.writer.write_hparams({k: str(v) if isinstance(v, tuple) else v for k, v in config.items()})
-    report_progress = periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.writer)
+      self.writer.write_hparams(
+        {k: str(v) if isinstance(v, tuple) else v for k, v in config.items()}
+      )
+    report_progress = periodic_actions.ReportProgress(
+      num_train_steps=self.total_steps, writer=self.writer
+    )
     step = int(state.step)
     last_log_step, last_log_time = step, time.perf_counter()
     stop = int(state.evals_since_best) >= config.patience
@@ -123,7 +144,9 @@ class Run:
         if not (is_log_step or is_checkpoint_step):
           continue
         # Nothing is logged or saved before this check: checkpoints only hold healthy states.
-        window_nll = float(state.loss_sum) / (step - last_log_step) - float(self.kernel_log_abs_det(state.params))
+        window_nll = float(state.loss_sum) / (step - last_log_step) - float(
+          self.kernel_log_abs_det(state.params)
+        )
         divergence = self._divergence(state, window_nll, last_log_step, step)
         if divergence:
           state = self._recover(state, *divergence, validation_y)
@@ -132,14 +155,19 @@ class Run:
           break  # Restart the data stream at the restored step.
         if is_log_step:
           now = time.perf_counter()
-          self.writer.write_scalars(step, {
+          self.writer.write_scalars(
+            step,
+            {
               "train/nll": window_nll,
-              "train/examples_per_sec": (step - last_log_step) * config.batch_size / (now - last_log_time),
+              "train/examples_per_sec": (step - last_log_step)
+              * config.batch_size
+              / (now - last_log_time),
               "train/learning_rate": steps.learning_rate(state),
-          })
+            },
+          )
           state = state.replace(
-              loss_sum=jnp.zeros_like(state.loss_sum),
-              lowest_train_nll=jnp.minimum(state.lowest_train_nll, window_nll),
+            loss_sum=jnp.zeros_like(state.loss_sum),
+            lowest_train_nll=jnp.minimum(state.lowest_train_nll, window_nll),
           )
           last_log_step, last_log_time = step, now
         if is_eval_step:
@@ -152,8 +180,9 @@ class Run:
           break
     return state
 
-  def _divergence(self, state: steps.TrainState, window_nll: float, last_log_step: int,
-                  step: int) -> tuple[str, int] | None:
+  def _divergence(
+    self, state: steps.TrainState, window_nll: float, last_log_step: int, step: int
+  ) -> tuple[str, int] | None:
     """None, or why training diverged and the last step whose parameters are trustworthy.
 
     A non-finite loss at step b condemns the parameters after update b−1, so a state of step
@@ -165,13 +194,16 @@ class Run:
       return f"the training loss became non-finite at step {bad_step}", bad_step - 2
     lowest = float(state.lowest_train_nll)
     if self.config.divergence_nats > 0 and window_nll > lowest + self.config.divergence_nats:
-      return (f"the mean training NLL of steps {last_log_step + 1}-{step} is {window_nll:.6g}, more "
-              f"than divergence_nats={self.config.divergence_nats} above the lowest so far "
-              f"({lowest:.6g})"), last_log_step - 1
+      return (
+        f"the mean training NLL of steps {last_log_step + 1}-{step} is {window_nll:.6g}, more "
+        f"than divergence_nats={self.config.divergence_nats} above the lowest so far "
+        f"({lowest:.6g})"
+      ), last_log_step - 1
     return None
 
-  def _recover(self, state: steps.TrainState, problem: str, good_step: int,
-               validation_y: np.ndarray) -> steps.TrainState:
+  def _recover(
+    self, state: steps.TrainState, problem: str, good_step: int, validation_y: np.ndarray
+  ) -> steps.TrainState:
     """Raises FloatingPointError, or (on_divergence="restore") returns the newest saved state
     of step ≤ good_step (or the fresh one) with the learning rate scaled by
     `divergence_lr_factor`. Its divergence reference is its own: windows of the diverged stretch
@@ -180,36 +212,46 @@ class Run:
     self.checkpoints.wait_until_finished()
     if config.on_divergence != "restore" or int(state.divergences) >= config.max_divergences:
       raise FloatingPointError(
-          f"Training diverged: {problem}. Checkpoints hold only states saved before it was "
-          f"detected ({self.checkpoints.latest.directory}); lower config.learning_rate, set "
-          "config.clip_norm or config.warmup_steps, or set config.on_divergence='restore'."
+        f"Training diverged: {problem}. Checkpoints hold only states saved before it was "
+        f"detected ({self.checkpoints.latest.directory}); lower config.learning_rate, set "
+        "config.clip_norm or config.warmup_steps, or set config.on_divergence='restore'."
       )
     restored = self.checkpoints.restore_latest(self.abstract_state(), at_most_step=good_step)
     restored = self.fresh_state(validation_y) if restored is None else restored
     self.checkpoints.discard_latest_after(int(restored.step))
     restored = steps.with_learning_rate_scale(
-        restored, steps.learning_rate_scale(state) * config.divergence_lr_factor)
+      restored, steps.learning_rate_scale(state) * config.divergence_lr_factor
+    )
     restored = restored.replace(
-        loss_sum=jnp.zeros_like(restored.loss_sum),
-        divergences=state.divergences + 1,
+      loss_sum=jnp.zeros_like(restored.loss_sum),
+      divergences=state.divergences + 1,
     )
     scale = steps.learning_rate_scale(restored)
-    logging.warning("Training diverged: %s. Continuing from step %d with the learning rate scaled "
-                    "by %g.", problem, int(restored.step), scale)
-    self.writer.write_scalars(int(restored.step), {
+    logging.warning(
+      "Training diverged: %s. Continuing from step %d with the learning rate scaled by %g.",
+      problem,
+      int(restored.step),
+      scale,
+    )
+    self.writer.write_scalars(
+      int(restored.step),
+      {
         "train/divergences": int(restored.divergences),
         "train/learning_rate_scale": scale,
-    })
+      },
+    )
     return restored
 
-  def _evaluate_and_checkpoint(self, state: steps.TrainState, validation_y: np.ndarray) -> steps.TrainState:
+  def _evaluate_and_checkpoint(
+    self, state: steps.TrainState, validation_y: np.ndarray
+  ) -> steps.TrainState:
     """Validation metrics, diagnostics and the picture; saves latest and (if improved) best."""
     step = int(state.step)
     metrics = self.evaluate(state.params, validation_y)
     improved = metrics["ll"] > float(state.best_validation_ll)
     state = state.replace(
-        best_validation_ll=jnp.maximum(state.best_validation_ll, metrics["ll"]),
-        evals_since_best=jnp.where(improved, 0, state.evals_since_best + 1),
+      best_validation_ll=jnp.maximum(state.best_validation_ll, metrics["ll"]),
+      evals_since_best=jnp.where(improved, 0, state.evals_since_best + 1),
     )
     if improved:
       self.checkpoints.save_best(step, state.params, metrics["ll"])
@@ -226,12 +268,16 @@ class Run:
     return state
 
   def validation_y(self) -> np.ndarray:
-    return np.asarray(data.eval_array(self.source, self.splits.validation, self.config.seed, data.VALIDATION_NOISE))
+    return np.asarray(
+      data.eval_array(self.source, self.splits.validation, self.config.seed, data.VALIDATION_NOISE)
+    )
 
   def test_best(self) -> dict[str, float]:
     """Test metrics of the best-by-validation params (restored from their checkpoint)."""
     step, params = self.checkpoints.restore_best_params(self.abstract_state().params)
-    test_y = np.asarray(data.eval_array(self.source, self.splits.test, self.config.seed, data.TEST_NOISE))
+    test_y = np.asarray(
+      data.eval_array(self.source, self.splits.test, self.config.seed, data.TEST_NOISE)
+    )
     metrics = self.evaluate(params, test_y)
     metrics["step"] = step
     logging.info("test (best checkpoint, step %d): %s", step, evaluation.describe(metrics))
@@ -258,7 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = run.train(run.initial_or_restored_state(validation_y), validation_y)
       run.checkpoints.wait_until_finished()
       test_metrics = run.test_best()
-      run.writer.write_scalars(int(state.step), {f"test/{k}": v for k, v in test_metrics.items() if k != "step"})
+      run.writer.write_scalars(
+        int(state.step), {f"test/{k}": v for k, v in test_metrics.items() if k != "step"}
+      )
     finally:  # Also on errors and Ctrl-C.
       run.close()
   return test_metrics

@@ -17,8 +17,8 @@ from experiments.training import loop
 from experiments.training import parallel
 
 SHUTDOWN_NOISE = (
-    (RuntimeError, "Event loop is closed"),
-    (ImportError, "sys.meta_path is None"),
+  (RuntimeError, "Event loop is closed"),
+  (ImportError, "sys.meta_path is None"),
 )
 """Exceptions that background callbacks (tensorstore reads abandoned by a failed Orbax restore,
 writer threads) raise when they complete after their event loop closed or while Python shuts
@@ -35,12 +35,20 @@ def _quiet_unraisable_hook(unraisable) -> None:
 
 def run(default_config: str) -> None:
   """Defines the flags (`--config` defaulting to `default_config`) and runs the program."""
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and pictures.")
-  flags.DEFINE_enum("mode", "train", ["train", "evaluate", "layers"],
-                    "train: train (resuming if the workdir has a checkpoint), then test the best "
-                    "checkpoint; evaluate: only test the best checkpoint; layers: print the best "
-                    "checkpoint's log-likelihood terms per layer on the validation split.")
-  config_flags.DEFINE_config_file("config", default_config, "Training configuration file.", lock_config=True)
+  flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, TensorBoard events and pictures."
+  )
+  flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "layers"],
+    "train: train (resuming if the workdir has a checkpoint), then test the best "
+    "checkpoint; evaluate: only test the best checkpoint; layers: print the best "
+    "checkpoint's log-likelihood terms per layer on the validation split.",
+  )
+  config_flags.DEFINE_config_file(
+    "config", default_config, "Training configuration file.", lock_config=True
+  )
   flags.mark_flags_as_required(["workdir"])
 
   def main(argv):

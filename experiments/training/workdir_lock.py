@@ -35,9 +35,9 @@ def hold(workdir: str) -> Iterator[None]:
       file.seek(0)
       holder = file.read().strip() or "unknown"
       raise WorkdirLockedError(
-          f"{workdir} is in use by another training run ({holder}); wait for it to finish, "
-          "stop it, or use another --workdir. (The lock is released as soon as that process "
-          "ends, however it ends.)"
+        f"{workdir} is in use by another training run ({holder}); wait for it to finish, "
+        "stop it, or use another --workdir. (The lock is released as soon as that process "
+        "ends, however it ends.)"
       ) from None
     file.seek(0)
     file.truncate()

@@ -39,7 +39,9 @@ def run(config, workdir):
 
 def restore_latest(config, workdir):
   model, tx = steps.create_model(config), steps.create_optimizer(config, total_steps=1)
-  abstract = steps.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
+  abstract = steps.abstract_state(
+    model, tx, 784, config.seed, parallel.DataParallel.over_all_devices()
+  )
   return checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
 
 
@@ -62,9 +64,19 @@ def test_end_to_end_writes_metrics_images_checkpoints(finished_run):
   config, workdir, test_metrics = finished_run
   assert np.isfinite(test_metrics["ll"]) and np.isfinite(test_metrics["bpd"])
   tags = event_tags(str(workdir))
-  for tag in ["train/nll", "train/examples_per_sec", "steps_per_sec", "validation/ll",
-              "validation/ll_2se", "validation/bpd", "test/ll", "test/bpd", "samples",
-              "kernels/layers_0/condition", "kernels/layers_1/log_abs_det"]:
+  for tag in [
+    "train/nll",
+    "train/examples_per_sec",
+    "steps_per_sec",
+    "validation/ll",
+    "validation/ll_2se",
+    "validation/bpd",
+    "test/ll",
+    "test/bpd",
+    "samples",
+    "kernels/layers_0/condition",
+    "kernels/layers_1/log_abs_det",
+  ]:
     assert tag in tags, (tag, sorted(tags))
   assert os.path.getsize(os.path.join(workdir, "samples.png")) > 0
   state = restore_latest(config, workdir)
@@ -119,8 +131,12 @@ def test_corrupt_checkpoint_gives_clear_error(finished_run, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
-  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1)
-  with pytest.raises(FloatingPointError, match=r"Training diverged: .*non-finite at step (\d+)") as error:
+  config = mock_config(
+    learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1
+  )
+  with pytest.raises(
+    FloatingPointError, match=r"Training diverged: .*non-finite at step (\d+)"
+  ) as error:
     run(config, tmp_path)
   bad_step = int(re.search(r"non-finite at step (\d+)", str(error.value)).group(1))
   state = restore_latest(config, tmp_path)
@@ -140,26 +156,40 @@ def test_missing_dataset_names_the_fix(tmp_path):
 
 def test_wrong_image_shape_is_refused():
   with tfds.testing.mock_data(num_examples=4):
-    with pytest.raises(ValueError, match=r"shape \(28, 28, 1\), but config.image_shape is \(32, 32, 3\)"):
+    with pytest.raises(
+      ValueError, match=r"shape \(28, 28, 1\), but config.image_shape is \(32, 32, 3\)"
+    ):
       images.load_splits(mock_config(image_shape=(32, 32, 3)))
 
 
 def test_command_line_config_typo_is_refused(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.mnist", f"--workdir={tmp_path}", "--config.learnin_rate=1e-3"],
-      capture_output=True, text=True, timeout=120, check=False,
+    [
+      sys.executable,
+      "-m",
+      "experiments.mnist",
+      f"--workdir={tmp_path}",
+      "--config.learnin_rate=1e-3",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
   )
   assert result.returncode != 0
   assert "learnin_rate" in result.stderr
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("batch_size", 0, "batch_size must be a positive integer"),
     ("lam", 0.5, r"lam must lie in \(0, 0.5\)"),
     ("on_divergence", "ignore", "on_divergence='ignore' is not one of"),
     ("kernel_init", "xavier", "kernel_init='xavier' is not one of"),
     ("data_source", "video", "data_source='video' is not one of"),
-])
+  ],
+)
 def test_config_values_out_of_range_are_refused(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     run(mock_config(**{field: value}), tmp_path)
@@ -169,8 +199,15 @@ def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path):
   """lr 1e8 makes step 2's loss non-finite, which condemns the parameters of step 1: "restore"
   restarts from the initial state with the learning rate scaled to 1e8·1e-12 (at 1e8·1e-10
   the mean training NLL rises by thousands of nats in a step: a divergence too)."""
-  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1,
-                       on_divergence="restore", divergence_lr_factor=1e-12, max_divergences=1)
+  config = mock_config(
+    learning_rate=1e8,
+    checkpoint_every_steps=1,
+    log_every_steps=1,
+    steps_per_call=1,
+    on_divergence="restore",
+    divergence_lr_factor=1e-12,
+    max_divergences=1,
+  )
   test_metrics = run(config, tmp_path)
   assert np.isfinite(test_metrics["ll"])
   state = restore_latest(config, tmp_path)
@@ -180,8 +217,14 @@ def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path):
 
 
 def test_divergence_gives_up_after_max_divergences(tmp_path):
-  config = mock_config(learning_rate=1e8, checkpoint_every_steps=1, log_every_steps=1, steps_per_call=1,
-                       on_divergence="restore", max_divergences=2)
+  config = mock_config(
+    learning_rate=1e8,
+    checkpoint_every_steps=1,
+    log_every_steps=1,
+    steps_per_call=1,
+    on_divergence="restore",
+    max_divergences=2,
+  )
   with pytest.raises(FloatingPointError, match="Training diverged"):
     run(config, tmp_path)
   assert int(restore_latest(config, tmp_path).step) == 1
@@ -195,16 +238,24 @@ def test_exploding_loss_is_a_divergence(finished_run):
   state = restore_latest(config, workdir).replace(lowest_train_nll=np.float32(1000.0))
   assert run_._divergence(state, 1049.0, 2, 4) is None  # pylint: disable=protected-access
   reason, good_step = run_._divergence(state, 1051.0, 2, 4)  # pylint: disable=protected-access
-  assert "more than divergence_nats=50.0 above the lowest so far (1000)" in reason and good_step == 1
+  assert (
+    "more than divergence_nats=50.0 above the lowest so far (1000)" in reason and good_step == 1
+  )
 
 
 def test_learning_rate_schedules():
-  config = mock_config(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine", final_lr_fraction=0.1)
+  config = mock_config(
+    learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine", final_lr_fraction=0.1
+  )
   schedule = steps.learning_rate_schedule(config, total_steps=110)
-  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(110)], [0, 5e-4, 1e-3, 1e-4], rtol=1e-5)
+  np.testing.assert_allclose(
+    [schedule(0), schedule(5), schedule(10), schedule(110)], [0, 5e-4, 1e-3, 1e-4], rtol=1e-5
+  )
   config.lr_schedule = "constant"
   schedule = steps.learning_rate_schedule(config, total_steps=110)
-  np.testing.assert_allclose([schedule(5), schedule(10), schedule(100)], [5e-4, 1e-3, 1e-3], rtol=1e-5)
+  np.testing.assert_allclose(
+    [schedule(5), schedule(10), schedule(100)], [5e-4, 1e-3, 1e-3], rtol=1e-5
+  )
   config.lr_schedule = "linear"
   with pytest.raises(ValueError, match="lr_schedule='linear'"):
     steps.learning_rate_schedule(config, total_steps=110)
@@ -250,7 +301,9 @@ def test_corrupt_newest_checkpoint_resumes_from_the_older_one(finished_run, tmp_
   assert "could not be restored" not in caplog.text  # Orbax's own warning.
   assert sorted(os.listdir(latest)) == ["7"]
   corrupt_array_data(latest / "7")
-  with pytest.raises(ValueError, match=r"None of the checkpoints .* \(steps \[7\]\) can be restored"):
+  with pytest.raises(
+    ValueError, match=r"None of the checkpoints .* \(steps \[7\]\) can be restored"
+  ):
     restore_latest(config, copy)
   assert sorted(os.listdir(latest)) == ["7"]  # Nothing is deleted when nothing is readable.
 
@@ -258,7 +311,9 @@ def test_corrupt_newest_checkpoint_resumes_from_the_older_one(finished_run, tmp_
 def test_readme_load_run_example_on_a_finished_run(finished_run, tmp_path, monkeypatch, capsys):
   """The README's notebook snippet, run as written against a mock-data run at runs/mnist."""
   readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
-  (example,) = [e for e in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "load_run(" in e]
+  (example,) = [
+    e for e in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "load_run(" in e
+  ]
   _, workdir, metrics = finished_run
   os.makedirs(tmp_path / "runs")
   os.symlink(workdir, tmp_path / "runs" / "mnist")
@@ -269,9 +324,12 @@ def test_readme_load_run_example_on_a_finished_run(finished_run, tmp_path, monke
 
 def test_load_run_reproduces_the_test_likelihood(finished_run):
   from experiments.training.runs import load_run  # pylint: disable=g-import-not-at-top
+
   config, workdir, metrics = finished_run
   run = load_run(str(workdir))
-  assert run.step == metrics["step"] and json.loads(run.config.to_json()) == json.loads(config.to_json())
+  assert run.step == metrics["step"] and json.loads(run.config.to_json()) == json.loads(
+    config.to_json()
+  )
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
     source = data.load_source(config)
   test_y = np.asarray(data.eval_array(source, source.splits.test, config.seed, data.TEST_NOISE))
@@ -284,15 +342,22 @@ def test_load_run_reproduces_the_test_likelihood(finished_run):
 def test_layer_report_terms_add_up_to_the_log_likelihood():
   """With splines, on random parameters: the per-layer terms and log N(z) sum to log p."""
   from experiments.training import layer_report  # pylint: disable=g-import-not-at-top
+
   model = steps.create_model(mock_config(num_layers=3, spline_bins=4, spline_bound=3.0))
   x = jax.random.normal(jax.random.PRNGKey(0), (50, 6))
   params = model.init(jax.random.PRNGKey(1), x)["params"]
-  params = jax.tree_util.tree_map(lambda p: p + 0.2 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  params = jax.tree_util.tree_map(
+    lambda p: p + 0.2 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params
+  )
   rows, base = layer_report.layer_report(model, params, x)
   total = base + sum(r.spline_log_det + r.kernel_log_abs_det + r.activation_log_det for r in rows)
   log_p = model.apply({"params": params}, x, method="log_prob")
   np.testing.assert_allclose(total, float(log_p.mean()), rtol=1e-5)
-  assert len(rows) == 3 and rows[-1].activation_log_det == 0.0 and all(r.spline_log_det != 0.0 for r in rows)
+  assert (
+    len(rows) == 3
+    and rows[-1].activation_log_det == 0.0
+    and all(r.spline_log_det != 0.0 for r in rows)
+  )
   assert all(r.condition >= 1.0 for r in rows)
 
 

@@ -21,13 +21,24 @@ with workdir_lock.hold(sys.argv[1]):
   print("holding", flush=True)
   time.sleep(600)
 """
-TOY_OVERRIDES = {"num_layers": 2, "num_train": 200, "num_validation": 100, "num_test": 100,
-                 "num_epochs": 2, "warmup_steps": 0}
+TOY_OVERRIDES = {
+  "num_layers": 2,
+  "num_train": 200,
+  "num_validation": 100,
+  "num_test": 100,
+  "num_epochs": 2,
+  "warmup_steps": 0,
+}
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_workdir(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "holding"
     config = toy_default.get_config()
@@ -49,17 +60,30 @@ def test_unreadable_checkpoints_end_the_program_with_one_clean_error(tmp_path):
   config = toy_default.get_config()
   config.update(TOY_OVERRIDES)
   loop.train_and_evaluate(config, str(tmp_path))
-  for path in glob.glob(str(tmp_path / "checkpoints" / "latest" / "*" / "default" / "**" / "d" / "*"),
-                        recursive=True):
+  for path in glob.glob(
+    str(tmp_path / "checkpoints" / "latest" / "*" / "default" / "**" / "d" / "*"), recursive=True
+  ):
     with open(path, "r+b") as file:
       file.seek(os.path.getsize(path) // 2)
       file.write(b"\xff" * 8)
-  overrides = [f"--config.{key}={value}" for key, value in {**TOY_OVERRIDES, "num_epochs": 3}.items()]
+  overrides = [
+    f"--config.{key}={value}" for key, value in {**TOY_OVERRIDES, "num_epochs": 3}.items()
+  ]
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.toy", f"--workdir={tmp_path}", *overrides],
-      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, "-m", "experiments.toy", f"--workdir={tmp_path}", *overrides],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode != 0
   assert "ValueError: None of the checkpoints" in result.stderr
-  for noise in ("Event loop is closed", "sys.meta_path is None", "exception was never retrieved",
-                "could not be restored"):
+  for noise in (
+    "Event loop is closed",
+    "sys.meta_path is None",
+    "exception was never retrieved",
+    "could not be restored",
+  ):
     assert noise not in result.stderr, noise
