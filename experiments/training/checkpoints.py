@@ -3,12 +3,15 @@
 Both live under `<workdir>/checkpoints/` and are written atomically by Orbax (a crash leaves
 the previous checkpoint intact). `<workdir>/config.json` records the config that made them,
 so a later run with another model or dataset is refused instead of silently mixing states.
+Unreadable states that a resumed run skipped are kept in `<workdir>/checkpoints/unreadable/`.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+import contextlib
 import json
-import logging as std_logging
 import os
 from typing import Any
 
@@ -20,18 +23,8 @@ import orbax.checkpoint as ocp
 PyTree = Any
 
 
-def _is_abandoned_read(record: std_logging.LogRecord) -> bool:
-  """Whether `record` is asyncio's report of a checkpoint read that a failed restore abandoned.
-
-  Orbax reads a checkpoint's arrays concurrently; when one read fails, its error is the one
-  reported (see `_restore`), and asyncio would log every other failed read as "Future/Task
-  exception was never retrieved" whenever it is garbage-collected, long after.
-  """
-  error = record.exc_info[1] if record.exc_info else None
-  return "exception was never retrieved" in record.getMessage() and "tensorstore_spec" in str(error)
-
-
-std_logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_read(record))
+UNREADABLE_DIR = "unreadable"
+"""Where, under `<workdir>/checkpoints/`, skipped unreadable states go (outside Orbax's folders)."""
 
 MODEL_FIELDS = (
   "data_source",
@@ -76,8 +69,10 @@ class RunCheckpoints:
     """The newest readable train state (with step ≤ at_most_step if given), or None if none is saved.
 
     An unreadable checkpoint (corrupt files) is skipped with a warning that names its step; once
-    an older one is read, the unreadable newer ones are deleted (the resumed run saves those steps
-    again). ValueError if every candidate is unreadable (then nothing is deleted).
+    an older one is read, the unreadable newer ones are moved to `<checkpoints>/unreadable/`
+    (out of the way of the resumed run, which saves those steps again, but kept for whoever
+    wants to inspect them) and a warning says where. ValueError if every candidate is
+    unreadable (then nothing is moved).
     """
     steps = sorted(
       (step for step in self.latest.all_steps() if at_most_step is None or step <= at_most_step),
@@ -91,11 +86,13 @@ class RunCheckpoints:
         logging.warning("%s Trying the next older checkpoint.", error)
         unreadable.append(step)
         continue
-      for bad_step in unreadable:
-        self.latest.delete(bad_step)
       if unreadable:
+        moved = self._move_aside(unreadable)
         logging.warning(
-          "Resuming from step %d; deleted the unreadable checkpoints of steps %s.", step, unreadable
+          "Resuming from step %d; moved the unreadable checkpoints of steps %s to %s.",
+          step,
+          unreadable,
+          ", ".join(moved),
         )
       return state
     if unreadable:
@@ -105,6 +102,32 @@ class RunCheckpoints:
         "optimiser; delete them or use a fresh --workdir."
       )
     return None
+
+  def _move_aside(self, steps: list[int]) -> list[str]:
+    """Moves the step folders of `latest` to `<checkpoints>/unreadable/<step>` (`<step>.1`, ... if
+    that is taken) and returns the new paths.
+
+    A rename, not Orbax's delete: nothing a user might want to inspect is lost. Process 0 moves
+    them (the folders are shared); every process then reloads its manager's list of steps,
+    without which Orbax would skip saving those steps again (it saves no step ≤ its latest).
+    """
+    latest = os.fspath(self.latest.directory)
+    unreadable = os.path.join(os.path.dirname(latest), UNREADABLE_DIR)
+    moved = []
+    for step in steps:
+      # The manager's default step names: the step number.
+      source, target = os.path.join(latest, str(step)), os.path.join(unreadable, str(step))
+      suffix = 0
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(unreadable, f"{step}.{suffix}")
+      if jax.process_index() == 0:
+        os.makedirs(unreadable, exist_ok=True)
+        os.rename(source, target)
+      moved.append(target)
+    ocp.multihost.sync_global_processes("RunCheckpoints:moved_unreadable_steps")
+    self.latest.reload()
+    return moved
 
   def discard_latest_after(self, step: int) -> None:
     """Deletes the saved train states newer than `step` (they come from a diverged run)."""
@@ -141,10 +164,50 @@ class RunCheckpoints:
     self.best.close()
 
 
+class _FinishingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its unfinished tasks finish (or fail) before it closes."""
+
+  def close(self) -> None:
+    unfinished = asyncio.all_tasks(self)
+    if unfinished and not self.is_running() and not self.is_closed():
+      self.run_until_complete(asyncio.gather(*unfinished, return_exceptions=True))
+    super().close()
+
+
+class _FinishingEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _FinishingEventLoop()
+
+
+@contextlib.contextmanager
+def _reads_finish_before_their_event_loop_closes() -> Iterator[None]:
+  """New event loops of the body finish their tasks before closing.
+
+  Orbax runs each restore in a new event loop and closes it as soon as the restore returns or
+  raises (`orbax.checkpoint._src.asyncio_utils.run_sync`, which avoids `asyncio.run`). The reads
+  of a checkpoint's arrays run concurrently: when one fails (a corrupt file), the others are
+  still in flight, and tensorstore later delivers their results to the closed loop. Python then
+  reports "RuntimeError: Event loop is closed", "coroutine ... was never awaited" and
+  "Task exception was never retrieved" as unraisable exceptions and log lines, long after the
+  restore and far from it (in whatever runs next: another test, interpreter shutdown). Waiting
+  for those reads costs at most the rest of one checkpoint's reading.
+
+  The event loop policy is the one hook that asyncio offers (deprecated from Python 3.14, which
+  the experiments do not support yet).
+  """
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_FinishingEventLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyTree:
   """The checkpoint of `step`, or ValueError saying that it cannot be read and why."""
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    with _reads_finish_before_their_event_loop_closes():
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as error:  # Orbax raises several types for unreadable or mismatched data.
     raise ValueError(
       f"Cannot restore the checkpoint at step {step} in {manager.directory} "

@@ -5,8 +5,6 @@
 `run(default_config)` defines the flags, with `--config` defaulting to that file, and runs.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 import jax
@@ -15,22 +13,6 @@ from ml_collections import config_flags
 from experiments.training import evaluation
 from experiments.training import loop
 from experiments.training import parallel
-
-SHUTDOWN_NOISE = (
-  (RuntimeError, "Event loop is closed"),
-  (ImportError, "sys.meta_path is None"),
-)
-"""Exceptions that background callbacks (tensorstore reads abandoned by a failed Orbax restore,
-writer threads) raise when they complete after their event loop closed or while Python shuts
-down. Python reports them as "unraisable" after the real error; they say nothing about it."""
-
-
-def _quiet_unraisable_hook(unraisable) -> None:
-  """sys.unraisablehook that drops `SHUTDOWN_NOISE` and reports everything else as usual."""
-  for exc_type, message in SHUTDOWN_NOISE:
-    if isinstance(unraisable.exc_value, exc_type) and message in str(unraisable.exc_value):
-      return
-  sys.__unraisablehook__(unraisable)
 
 
 def run(default_config: str) -> None:
@@ -52,7 +34,6 @@ def run(default_config: str) -> None:
   flags.mark_flags_as_required(["workdir"])
 
   def main(argv):
-    sys.unraisablehook = _quiet_unraisable_hook
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir

@@ -30,6 +30,12 @@ TOY_OVERRIDES = {
   "warmup_steps": 0,
 }
 
+# A background callback that outlives a run (see test_mnist.py) fails the test it surfaces in.
+pytestmark = [
+  pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+  pytest.mark.filterwarnings("error:coroutine .* was never awaited:RuntimeWarning"),
+]
+
 
 def test_a_second_run_is_refused_while_the_first_holds_the_workdir(tmp_path):
   holder = subprocess.Popen(
