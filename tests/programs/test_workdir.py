@@ -60,6 +60,19 @@ def test_a_second_run_is_refused_while_the_first_holds_the_workdir(tmp_path):
     assert f"pid {os.getpid()} on host" in (tmp_path / workdir_lock.LOCK_FILE).read_text()
 
 
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_not_written_through(tmp_path):
+  """A `run.lock` symlink (planted, or copied along with a workdir) must not let the run
+  truncate and overwrite the file it points to."""
+  precious = tmp_path / "precious.txt"
+  precious.write_text("not a lock\n")
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  (workdir / workdir_lock.LOCK_FILE).symlink_to(precious)
+  with pytest.raises(OSError, match="symbolic link"), workdir_lock.hold(str(workdir)):
+    pass
+  assert precious.read_text() == "not a lock\n"
+
+
 def test_unreadable_checkpoints_end_the_program_with_one_clean_error(tmp_path):
   """No asyncio or shutdown noise ("Event loop is closed", "sys.meta_path is None", "exception
   was never retrieved") after the error: only the error itself."""
