@@ -11,60 +11,95 @@ OpenBLAS is limited to one thread unless OPENBLAS_NUM_THREADS is set (by importi
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
+import dataclasses
 import pathlib
+
+from absl import app
+from absl import flags
 
 from experiments.scaling import report
 from experiments.scaling import timing
 
+_DEFAULTS = timing.BenchmarkConfig()
+FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
+"""This program's flags: absl's global ones when it runs, its own when imported, as by the tests,
+where several programs share a process and define flags of the same names (--repetitions). Like
+absl's global flags, those that a later `main(argv)` in the same process does not set keep their
+values."""
+flags.DEFINE_string(
+  "output_dir", "docs/scaling", "Where scaling.csv, .md and .png go.", flag_values=FLAGS
+)
+flags.DEFINE_list(
+  "widths", [str(w) for w in _DEFAULTS.widths], "The D grid, comma-separated.", flag_values=FLAGS
+)
+flags.DEFINE_list(
+  "batch_sizes",
+  [str(b) for b in _DEFAULTS.batch_sizes],
+  "The B grid, comma-separated.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "num_layers", _DEFAULTS.num_layers, "L, dense layers per flow.", flag_values=FLAGS
+)
+flags.DEFINE_float("alpha", _DEFAULTS.alpha, "Slope α of SmoothLeakyReLU(α).", flag_values=FLAGS)
+flags.DEFINE_float(
+  "learning_rate", _DEFAULTS.learning_rate, "Adam's learning rate.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "repetitions", _DEFAULTS.repetitions, "Interleaved repetitions per point.", flag_values=FLAGS
+)
+flags.DEFINE_float(
+  "min_repetition_s",
+  _DEFAULTS.min_repetition_s,
+  "Steps per repetition fill about this many seconds (at least one).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_float(
+  "time_cap_s",
+  _DEFAULTS.time_cap_s,
+  "Skip a method at larger D once its step would exceed this.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "fit_min_width",
+  _DEFAULTS.fit_min_width,
+  "The exponent of time ∝ D^k is fitted over D ≥ this.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "seed", _DEFAULTS.seed, "Seed of the data and the initial parameters.", flag_values=FLAGS
+)
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-  return tuple(int(item) for item in text.split(",") if item)
+
+def _positive_integers(values: list[str]) -> bool:
+  return all(value.isdigit() and int(value) > 0 for value in values)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[timing.BenchmarkConfig, pathlib.Path]:
-  """The benchmark config and output directory from the command line."""
-  defaults = timing.BenchmarkConfig()
-  parser = argparse.ArgumentParser(
-    prog="python -m experiments.scaling",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+for _grid in ("widths", "batch_sizes"):
+  flags.register_validator(
+    _grid, _positive_integers, "must be positive integers, comma-separated", FLAGS
   )
-  parser.add_argument("--output_dir", type=pathlib.Path, default=pathlib.Path("docs/scaling"))
-  parser.add_argument(
-    "--widths", type=_int_tuple, default=defaults.widths, help="comma-separated D grid"
-  )
-  parser.add_argument(
-    "--batch_sizes", type=_int_tuple, default=defaults.batch_sizes, help="comma-separated B grid"
-  )
-  parser.add_argument("--num_layers", type=int, default=defaults.num_layers)
-  parser.add_argument("--alpha", type=float, default=defaults.alpha)
-  parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
-  parser.add_argument("--repetitions", type=int, default=defaults.repetitions)
-  parser.add_argument(
-    "--min_repetition_s",
-    type=float,
-    default=defaults.min_repetition_s,
-    help="steps per repetition fill about this many seconds (at least one)",
-  )
-  parser.add_argument(
-    "--time_cap_s",
-    type=float,
-    default=defaults.time_cap_s,
-    help="skip a method at larger D once its step would exceed this",
-  )
-  parser.add_argument("--fit_min_width", type=int, default=defaults.fit_min_width)
-  parser.add_argument("--seed", type=int, default=defaults.seed)
-  args = vars(parser.parse_args(argv))
-  output_dir = args.pop("output_dir")
-  return timing.BenchmarkConfig(**args), output_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-  config, output_dir = parse_args(argv)
+def parse_flags(argv: Sequence[str]) -> tuple[timing.BenchmarkConfig, pathlib.Path]:
+  """The benchmark config and output directory from the command line `argv` (program name first)."""
+  arguments = FLAGS(argv)[1:]
+  if arguments:
+    raise app.UsageError(f"Unexpected arguments: {arguments}")
+  values = {
+    field.name: FLAGS[field.name].value for field in dataclasses.fields(timing.BenchmarkConfig)
+  }
+  grids = {name: tuple(int(value) for value in values[name]) for name in ("widths", "batch_sizes")}
+  return timing.BenchmarkConfig(**{**values, **grids}), pathlib.Path(FLAGS.output_dir)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs the benchmark and prints the markdown report; `argv` is the command line."""
+  config, output_dir = parse_flags(argv)
   measurements = timing.run_benchmark(config, log=lambda line: print(line, flush=True))
   print(report.write_reports(measurements, config, output_dir))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

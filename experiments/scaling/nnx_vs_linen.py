@@ -23,12 +23,14 @@ report gives the median time per step over the repetitions and the ratios to lin
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
+from collections.abc import Sequence
 import functools
 import statistics
 import time
 
+from absl import app
+from absl import flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,23 @@ import optax
 
 import flax_relgrad as fr
 import flax_relgrad.nnx as frn
+
+FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
+"""This program's flags: absl's global ones when it runs, its own when imported, as by the tests,
+where several programs share a process and define flags of the same names (--steps, --repetitions). Like
+absl's global flags, those that a later `main(argv)` in the same process does not set keep their
+values."""
+flags.DEFINE_integer("width", 784, "D, the flow's width.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer(
+  "batch_size", 100, "B, rows of the fixed batch.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer("num_layers", 2, "L, dense layers.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("alpha", 0.01, "Slope α of SmoothLeakyReLU(α).", flag_values=FLAGS)
+flags.DEFINE_float("learning_rate", 1e-4, "Adam's learning rate.", flag_values=FLAGS)
+flags.DEFINE_integer(
+  "repetitions", 9, "Repetitions; the report gives medians.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer("steps", 20, "Steps per repetition.", lower_bound=1, flag_values=FLAGS)
 
 
 def linen_step(
@@ -100,32 +119,23 @@ def time_steps(
   return times
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-    prog="python -m experiments.scaling.nnx_vs_linen",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  parser.add_argument("--width", type=int, default=784)
-  parser.add_argument("--batch_size", type=int, default=100)
-  parser.add_argument("--num_layers", type=int, default=2)
-  parser.add_argument("--alpha", type=float, default=0.01)
-  parser.add_argument("--learning_rate", type=float, default=1e-4)
-  parser.add_argument("--repetitions", type=int, default=9)
-  parser.add_argument("--steps", type=int, default=20, help="steps per repetition")
-  args = parser.parse_args(argv)
-  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch_size, args.width), jnp.float32)
-  settings = (args.num_layers, args.alpha, args.learning_rate, x)
+def main(argv: Sequence[str]) -> None:
+  """Times the three steps and prints the report; `argv` is the command line, program name first."""
+  arguments = FLAGS(argv)[1:]
+  if arguments:
+    raise app.UsageError(f"Unexpected arguments: {arguments}")
+  x = jax.random.normal(jax.random.PRNGKey(1), (FLAGS.batch_size, FLAGS.width), jnp.float32)
+  settings = (FLAGS.num_layers, FLAGS.alpha, FLAGS.learning_rate, x)
   steps = {
     "linen": linen_step(*settings),
-    "nnx": nnx_step(args.width, *settings),
-    "nnx_cached": nnx_step(args.width, *settings, cached=True),
+    "nnx": nnx_step(FLAGS.width, *settings),
+    "nnx_cached": nnx_step(FLAGS.width, *settings, cached=True),
   }
-  times = time_steps(steps, args.repetitions, args.steps)
+  times = time_steps(steps, FLAGS.repetitions, FLAGS.steps)
   medians = {name: statistics.median(values) for name, values in times.items()}
   print(
-    f"D = {args.width}, B = {args.batch_size}, L = {args.num_layers}, {args.repetitions} repetitions × "
-    f"{args.steps} steps, {jax.devices()[0].device_kind}"
+    f"D = {FLAGS.width}, B = {FLAGS.batch_size}, L = {FLAGS.num_layers}, {FLAGS.repetitions} repetitions × "
+    f"{FLAGS.steps} steps, {jax.devices()[0].device_kind}"
   )
   for name, values in times.items():
     print(
@@ -137,4 +147,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -22,10 +22,12 @@ The program prints KL(q ‖ p) = E_q[log q − log p̃] + log Z estimated on 100
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 import math
 import os
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -42,6 +44,18 @@ LOG_Z = math.log(4 * math.pi)
 """log of the target's normaliser."""
 
 PLOT_RANGE = ((-6.0, 6.0), (-3.0, 9.0))
+
+FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
+"""This program's flags: absl's global ones when it runs, its own when imported, as by the tests,
+where several programs share a process and define flags of the same names (--steps). Like
+absl's global flags, those that a later `main(argv)` in the same process does not set keep their
+values."""
+flags.DEFINE_string(
+  "output", "docs/toy/reverse_kl.png", "Where the picture goes.", flag_values=FLAGS
+)
+flags.DEFINE_integer("steps", 5000, "Training steps.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 256, "Samples per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the samples.", flag_values=FLAGS)
 
 
 def log_target(x: jax.Array) -> jax.Array:
@@ -128,27 +142,19 @@ def draw(model: fr.FlowMLP, params, path: str, grid_size: int = 200) -> None:
   canvas.print_png(path)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-    prog="python -m experiments.toy.reverse_kl",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  parser.add_argument("--output", default="docs/toy/reverse_kl.png", help="where the picture goes")
-  parser.add_argument("--steps", type=int, default=5000, help="training steps")
-  parser.add_argument("--batch_size", type=int, default=256, help="samples per step")
-  parser.add_argument(
-    "--seed", type=int, default=0, help="seed of the initialisation and of the samples"
-  )
-  args = parser.parse_args(argv)
-  model, params = train(args.steps, args.batch_size, args.seed)
-  kl, two_se = reverse_kl(model, params, jax.random.PRNGKey(args.seed + 2), 100_000)
-  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-  draw(model, params, args.output)
+def main(argv: Sequence[str]) -> None:
+  """Trains, measures and draws; `argv` is the command line, program name first."""
+  arguments = FLAGS(argv)[1:]
+  if arguments:
+    raise app.UsageError(f"Unexpected arguments: {arguments}")
+  model, params = train(FLAGS.steps, FLAGS.batch_size, FLAGS.seed)
+  kl, two_se = reverse_kl(model, params, jax.random.PRNGKey(FLAGS.seed + 2), 100_000)
+  os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
+  draw(model, params, FLAGS.output)
   print(
-    f"KL(q ‖ p) = {kl:.4f} ± {two_se:.4f} nats after {args.steps} steps; picture: {args.output}"
+    f"KL(q ‖ p) = {kl:.4f} ± {two_se:.4f} nats after {FLAGS.steps} steps; picture: {FLAGS.output}"
   )
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

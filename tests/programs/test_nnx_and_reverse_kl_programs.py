@@ -1,12 +1,17 @@
-"""The NNX-vs-Linen step-time benchmark and the reverse-KL demo run end to end (tiny sizes)."""
+"""The NNX-vs-Linen step-time benchmark and the reverse-KL demo run end to end (tiny sizes), and
+the benchmark programs take absl flags like the training programs."""
 
+import pathlib
+
+from absl import flags
 import numpy as np
+import pytest
 
 
 def test_step_time_benchmark_runs(capsys):
   from experiments.scaling import nnx_vs_linen  # pylint: disable=g-import-not-at-top
 
-  nnx_vs_linen.main(["--width=4", "--batch_size=3", "--repetitions=1", "--steps=1"])
+  nnx_vs_linen.main(["nnx_vs_linen", "--width=4", "--batch_size=3", "--repetitions=1", "--steps=1"])
   output = capsys.readouterr().out
   assert "ratio nnx / linen = " in output and "ratio nnx_cached / linen = " in output
 
@@ -14,7 +19,37 @@ def test_step_time_benchmark_runs(capsys):
 def test_reverse_kl_program_runs(tmp_path, capsys):
   from experiments.toy import reverse_kl  # pylint: disable=g-import-not-at-top
 
-  reverse_kl.main(["--steps=20", "--batch_size=64", f"--output={tmp_path / 'reverse_kl.png'}"])
-  kl = float(capsys.readouterr().out.split("KL(q ‖ p) = ")[1].split()[0])
-  assert np.isfinite(kl) and kl > 0
+  flagfile = tmp_path / "reverse_kl.flags"  # absl's --flagfile, as every training program takes.
+  flagfile.write_text("--steps=20\n--batch_size=64\n")
+  reverse_kl.main(
+    ["reverse_kl", f"--flagfile={flagfile}", f"--output={tmp_path / 'reverse_kl.png'}"]
+  )
+  output = capsys.readouterr().out
+  kl = float(output.split("KL(q ‖ p) = ")[1].split()[0])
+  assert np.isfinite(kl) and kl > 0 and "after 20 steps" in output
   assert (tmp_path / "reverse_kl.png").stat().st_size > 0
+
+
+def test_programs_parse_their_own_flags_next_to_absl_global_ones():
+  """Each program, imported, has its own FlagValues: its --steps or --repetitions is neither
+  another's nor that of `experiments.training.throughput`, which defines them in absl's global
+  flags."""
+  # pylint: disable=g-import-not-at-top
+  from experiments.scaling import __main__ as scaling
+  from experiments.scaling import nnx_vs_linen
+  from experiments.scaling import timing
+  from experiments.toy import reverse_kl
+  from experiments.training import throughput
+  # pylint: enable=g-import-not-at-top
+
+  assert throughput.FLAGS is flags.FLAGS and "steps" in flags.FLAGS
+  assert reverse_kl.FLAGS["steps"].default == 5000 and nnx_vs_linen.FLAGS["steps"].default == 20
+  config, output_dir = scaling.parse_flags(
+    ["scaling", "--widths=4,8", "--batch_sizes=3", "--repetitions=2", "--output_dir=out"]
+  )
+  assert config == timing.BenchmarkConfig(widths=(4, 8), batch_sizes=(3,), repetitions=2)
+  assert output_dir == pathlib.Path("out")
+  with pytest.raises(
+    flags.IllegalFlagValueError, match="must be positive integers, comma-separated"
+  ):
+    scaling.parse_flags(["scaling", "--widths=4,x"])
