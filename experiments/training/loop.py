@@ -45,6 +45,16 @@ def save_png(path: str, picture: np.ndarray) -> None:
   os.replace(temporary, path)
 
 
+def crossed(every: int, before: int, after: int) -> bool:
+  """Whether the steps (before, after] include a multiple of `every` (never if every ≤ 0).
+
+  The loop advances a chunk of `steps_per_call` steps at a time and steps back after a
+  divergence restore, so CLU's `periodic_actions.PeriodicCallback(every_steps=...)`, which must
+  see every step once and in order (it raises otherwise), does not fit.
+  """
+  return every > 0 and after // every > before // every
+
+
 class Run:
   """One training run: the model, its jitted functions, data, writer and checkpoints."""
 
@@ -124,13 +134,15 @@ class Run:
       self.writer.write_hparams(
         {k: str(v) if isinstance(v, tuple) else v for k, v in config.items()}
       )
-    report_progress = periodic_actions.ReportProgress(
+    # steps_per_sec and the ETA, from wall-clock time; a new one after a divergence restore, since
+    # it measures from the step it last reported at and would report negative rates.
+    make_report_progress = lambda: periodic_actions.ReportProgress(
       num_train_steps=self.total_steps, writer=self.writer
     )
+    report_progress = make_report_progress()
     step = int(state.step)
     last_log_step, last_log_time = step, time.perf_counter()
     stop = int(state.evals_since_best) >= config.patience
-    crossed = lambda every, before, after: every > 0 and after // every > before // every
     while step < self.total_steps and not stop:
       epoch, skip = divmod(step, self.steps_per_epoch)
       for chunk in data.device_chunks(self.splits, config, epoch, self.parallel, skip):
@@ -152,6 +164,7 @@ class Run:
           state = self._recover(state, *divergence, validation_y)
           step = int(state.step)
           last_log_step, last_log_time = step, time.perf_counter()
+          report_progress = make_report_progress()
           break  # Restart the data stream at the restored step.
         if is_log_step:
           now = time.perf_counter()
@@ -159,6 +172,7 @@ class Run:
             step,
             {
               "train/nll": window_nll,
+              # Training alone: unlike ReportProgress's steps_per_sec, without evaluation time.
               "train/examples_per_sec": (step - last_log_step)
               * config.batch_size
               / (now - last_log_time),

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+from clu import periodic_actions
 import jax
 import numpy as np
 import pytest
@@ -208,10 +209,28 @@ def test_config_values_out_of_range_are_refused(field, value, message, tmp_path)
     run(mock_config(**{field: value}), tmp_path)
 
 
-def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path):
+class ReportProgressAtEveryCall(periodic_actions.ReportProgress):
+  """CLU's ReportProgress reporting steps_per_sec at every call instead of once a minute."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**{**kwargs, "every_secs": 0.0})
+
+
+def scalar_values(workdir, tag):
+  values = []
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      values += [
+        float(tf.make_ndarray(value.tensor)) for value in event.summary.value if value.tag == tag
+      ]
+  return values
+
+
+def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path, monkeypatch):
   """lr 1e8 makes step 2's loss non-finite, which condemns the parameters of step 1: "restore"
   restarts from the initial state with the learning rate scaled to 1e8·1e-12 (at 1e8·1e-10
-  the mean training NLL rises by thousands of nats in a step: a divergence too)."""
+  the mean training NLL rises by thousands of nats in a step: a divergence too). The step rate
+  is measured afresh after the restore (not from step 2 back to step 1: a negative rate)."""
   config = mock_config(
     learning_rate=1e8,
     checkpoint_every_steps=1,
@@ -221,12 +240,15 @@ def test_divergence_restores_last_good_state_with_lower_learning_rate(tmp_path):
     divergence_lr_factor=1e-12,
     max_divergences=1,
   )
+  monkeypatch.setattr(periodic_actions, "ReportProgress", ReportProgressAtEveryCall)
   test_metrics = run(config, tmp_path)
   assert np.isfinite(test_metrics["ll"])
   state = restore_latest(config, tmp_path)
   assert int(state.divergences) == 1 and steps.learning_rate_scale(state) == pytest.approx(1e-12)
   assert int(state.step) == 2 * NUM_MOCK_EXAMPLES // config.batch_size
   assert {"train/divergences", "train/learning_rate_scale"} <= event_tags(str(tmp_path))
+  steps_per_sec = scalar_values(str(tmp_path), "steps_per_sec")
+  assert len(steps_per_sec) >= 6 and min(steps_per_sec) > 0, steps_per_sec
 
 
 def test_divergence_gives_up_after_max_divergences(tmp_path):
