@@ -53,7 +53,9 @@ class ModulationHead(nn.Module):
   def __call__(self, h: jax.Array, width: int) -> list[Modulation]:
     outputs = 2 if self.scale else 1
     dense = nn.Dense(
-        self.num_layers * outputs * width, kernel_init=nn.initializers.zeros, param_dtype=self.param_dtype
+      self.num_layers * outputs * width,
+      kernel_init=nn.initializers.zeros,
+      param_dtype=self.param_dtype,
     )
     return split_modulations(dense(h), self.num_layers, self.scale, width)
 
@@ -95,7 +97,7 @@ class ConditionalFlowMLP(LinenFlowHooks, ConditionalFlow, nn.Module):
       self.base_distribution = DiagonalGaussian(self.param_dtype)
 
   def _modulations(
-      self, context: tuple[jax.Array, ...], leading_shape: tuple[int, ...], width: int
+    self, context: tuple[jax.Array, ...], leading_shape: tuple[int, ...], width: int
   ) -> Sequence[Modulation]:
     c = check_context(context, leading_shape, type(self).__name__)
     features = c if self.conditioner is None else self.conditioner(c)

@@ -26,12 +26,12 @@ ArrayLike = jax.typing.ArrayLike
 
 
 def relative_update(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    params: PyTree,
-    opt_state: optax.OptState,
-    x: jax.Array,
-    *context: jax.Array,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  params: PyTree,
+  opt_state: optax.OptState,
+  x: jax.Array,
+  *context: jax.Array,
 ) -> tuple[PyTree, optax.OptState, jax.Array]:
   """One exact maximum-likelihood step of a flow with a `log_prob` method.
 
@@ -67,17 +67,17 @@ class FitResult:
 
 
 def fit(
-    model: nn.Module,
-    params: PyTree,
-    train: ArrayLike | Sequence[ArrayLike],
-    validation: ArrayLike | Sequence[ArrayLike],
-    *,
-    optimizer: optax.GradientTransformation | None = None,
-    batch_size: int = 100,
-    max_epochs: int = 100,
-    patience: int = 5,
-    seed: int = 0,
-    progress: bool = True,
+  model: nn.Module,
+  params: PyTree,
+  train: ArrayLike | Sequence[ArrayLike],
+  validation: ArrayLike | Sequence[ArrayLike],
+  *,
+  optimizer: optax.GradientTransformation | None = None,
+  batch_size: int = 100,
+  max_epochs: int = 100,
+  patience: int = 5,
+  seed: int = 0,
+  progress: bool = True,
 ) -> FitResult:
   """Fits a flow to arrays by the relative gradient, with early stopping on validation NLL.
 
@@ -103,11 +103,14 @@ def fit(
       first such row), or batch_size > N.
     FloatingPointError: when training diverges (a non-finite loss), naming the epoch.
   """
-  train, validation = _as_arrays(train, "train"), _as_arrays(validation, "validation")
-  _check_arrays(train, validation, batch_size)
-  _check_finite(train, "train")
-  _check_finite(validation, "validation")
-  train, validation = tuple(map(jnp.asarray, train)), tuple(map(jnp.asarray, validation))
+  train_arrays, validation_arrays = _as_arrays(train, "train"), _as_arrays(validation, "validation")
+  _check_arrays(train_arrays, validation_arrays, batch_size)
+  _check_finite(train_arrays, "train")
+  _check_finite(validation_arrays, "validation")
+  train, validation = (
+    tuple(map(jnp.asarray, train_arrays)),
+    tuple(map(jnp.asarray, validation_arrays)),
+  )
   tx = optimizer or optax.adam(1e-3)
   opt_state = tx.init(params)
   num_batches = train[0].shape[0] // batch_size
@@ -116,12 +119,18 @@ def fit(
   def run_epoch(params, opt_state, order):
     def body(carry, rows):
       params, opt_state = carry
-      params, opt_state, loss = relative_update(model, tx, params, opt_state, *(a[rows] for a in train))
+      params, opt_state, loss = relative_update(
+        model, tx, params, opt_state, *(a[rows] for a in train)
+      )
       return (params, opt_state), loss
 
     batches = order[: num_batches * batch_size].reshape(num_batches, batch_size)
     (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), batches)
-    return params, opt_state, losses.mean() + _log_det_terms(model, params, *(a[:batch_size] for a in train))
+    return (
+      params,
+      opt_state,
+      losses.mean() + _log_det_terms(model, params, *(a[:batch_size] for a in train)),
+    )
 
   validation_nll = jax.jit(lambda params: model.apply({"params": params}, *validation, method=nll))
   history: dict[str, list[float]] = {"train_nll": [], "validation_nll": []}
@@ -133,8 +142,8 @@ def fit(
     epoch_nll = float(validation_nll(params))
     if not (math.isfinite(float(train_nll)) and math.isfinite(epoch_nll)):
       raise FloatingPointError(
-          f"fit diverged in epoch {epoch} (training NLL {float(train_nll)}, validation NLL {epoch_nll}); "
-          "lower the learning rate or clip (optax.clip_by_global_norm)."
+        f"fit diverged in epoch {epoch} (training NLL {float(train_nll)}, validation NLL {epoch_nll}); "
+        "lower the learning rate or clip (optax.clip_by_global_norm)."
       )
     history["train_nll"].append(float(train_nll))
     history["validation_nll"].append(epoch_nll)
@@ -158,10 +167,13 @@ def _log_det_terms(model: nn.Module, params: PyTree, *batch: jax.Array) -> jax.A
 def _as_arrays(arrays: ArrayLike | Sequence[ArrayLike], name: str) -> tuple[np.ndarray, ...]:
   """x, or (x, context, ...), as NumPy arrays (from JAX or NumPy arrays, lists or anything
   array-like); integers become float32."""
-  arrays = tuple(arrays) if isinstance(arrays, (tuple, list)) and not _is_numeric_list(arrays) else (arrays,)
+  if isinstance(arrays, (tuple, list)) and not _is_numeric_list(arrays):
+    parts: tuple[Any, ...] = tuple(arrays)
+  else:
+    parts = (arrays,)
   converted = []
-  for array in arrays:
-    array = np.asarray(array)
+  for part in parts:
+    array = np.asarray(part)
     if not np.issubdtype(array.dtype, np.number):
       raise TypeError(f"fit: {name} must hold numbers, got dtype {array.dtype}.")
     converted.append(array.astype(np.float32) if np.issubdtype(array.dtype, np.integer) else array)
@@ -176,33 +188,47 @@ def _check_finite(arrays: tuple[np.ndarray, ...], name: str) -> None:
       row = int(np.argmin(finite))
       what = name if len(arrays) == 1 else f"{name}[{position}]"
       raise ValueError(
-          f"fit: {what} holds non-finite values (NaN or inf), first in row {row}: {array[row]}. "
-          "Clean or drop those rows before training."
+        f"fit: {what} holds non-finite values (NaN or inf), first in row {row}: {array[row]}. "
+        "Clean or drop those rows before training."
       )
 
 
 def _is_numeric_list(arrays: Sequence[Any]) -> bool:
   """Whether a list/tuple is itself the data (nested numbers), not (x, context, ...)."""
-  return len(arrays) > 0 and isinstance(arrays[0], (int, float, list)) and not isinstance(arrays[0], bool)
+  return (
+    len(arrays) > 0
+    and isinstance(arrays[0], (int, float, list))
+    and not isinstance(arrays[0], bool)
+  )
 
 
-def _check_arrays(train: tuple[jax.Array, ...], validation: tuple[jax.Array, ...], batch_size: int) -> None:
+def _check_arrays(
+  train: tuple[np.ndarray, ...], validation: tuple[np.ndarray, ...], batch_size: int
+) -> None:
   for name, arrays in (("train", train), ("validation", validation)):
-    if any(a.ndim != 2 for a in arrays) or len({a.shape[0] for a in arrays}) != 1 or arrays[0].shape[0] == 0:
+    if (
+      any(a.ndim != 2 for a in arrays)
+      or len({a.shape[0] for a in arrays}) != 1
+      or arrays[0].shape[0] == 0
+    ):
       raise ValueError(
-          f"fit: {name} must be x (N, D) or (x, context, ...) with N >= 1 rows each, got shapes "
-          f"{[a.shape for a in arrays]}."
+        f"fit: {name} must be x (N, D) or (x, context, ...) with N >= 1 rows each, got shapes "
+        f"{[a.shape for a in arrays]}."
       )
   if [a.shape[1:] for a in train] != [a.shape[1:] for a in validation]:
     raise ValueError(
-        f"fit: train and validation differ in their feature shapes: {[a.shape for a in train]} vs "
-        f"{[a.shape for a in validation]}."
+      f"fit: train and validation differ in their feature shapes: {[a.shape for a in train]} vs "
+      f"{[a.shape for a in validation]}."
     )
   if not 1 <= batch_size <= train[0].shape[0]:
-    raise ValueError(f"fit: batch_size must lie in [1, {train[0].shape[0]}] (the training rows), got {batch_size}.")
+    raise ValueError(
+      f"fit: batch_size must lie in [1, {train[0].shape[0]}] (the training rows), got {batch_size}."
+    )
 
 
-def _progress_reporter(max_epochs: int, enabled: bool) -> Callable[[int | None, float, float], None]:
+def _progress_reporter(
+  max_epochs: int, enabled: bool
+) -> Callable[[int | None, float, float], None]:
   """report(epoch, train_nll, validation_nll); report(None, ...) closes the bar."""
   if not enabled:
     return lambda *args: None
@@ -214,7 +240,9 @@ def _progress_reporter(max_epochs: int, enabled: bool) -> Callable[[int | None, 
 
     def print_line(epoch, train_nll, validation_nll):
       if epoch is not None:
-        print(f"epoch {epoch}/{max_epochs}: train NLL {train_nll:.4f}, validation NLL {validation_nll:.4f}")
+        print(
+          f"epoch {epoch}/{max_epochs}: train NLL {train_nll:.4f}, validation NLL {validation_nll:.4f}"
+        )
 
     return print_line
   bar = tqdm.tqdm(total=max_epochs, unit="epoch")

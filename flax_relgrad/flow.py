@@ -31,6 +31,8 @@ in O(B·D²) per layer (`flax_relgrad.relative`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,7 @@ from flax_relgrad.core.dense import Initializer
 from flax_relgrad.core.dense import init_kernel
 from flax_relgrad.core.dense import kernel_log_abs_det
 from flax_relgrad.core.distribution import Flow
+from flax_relgrad.core.distribution import FlowMethods
 from flax_relgrad.core.stack import GaussianParams
 from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.splines import RationalQuadraticSpline
@@ -86,7 +89,9 @@ class FlowDense(DenseMethods, nn.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     """Maps z (..., D) to y = z W + b (..., D)."""
     width = z.shape[-1]
-    kernel = self.param("kernel", lambda key: init_kernel(self.kernel_init, key, width, self.param_dtype))
+    kernel = self.param(
+      "kernel", lambda key: init_kernel(self.kernel_init, key, width, self.param_dtype)
+    )
     y = z @ kernel
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (width,), self.param_dtype)
@@ -100,17 +105,17 @@ class FlowDense(DenseMethods, nn.Module):
     if not self.sow(INTERMEDIATES, PREACTIVATION, y):
       return y
     if self.is_mutable_collection(PERTURBATIONS):  # the shape-only discovery pass
-      known = self.get_variable(PERTURBATIONS, PREACTIVATION, ())
+      known: tuple[jax.Array, ...] = self.get_variable(PERTURBATIONS, PREACTIVATION, ())
       self.put_variable(PERTURBATIONS, PREACTIVATION, known + (jnp.zeros_like(y),))
       return y
     if not self.has_variable(PERTURBATIONS, PREACTIVATION):
       return y
-    perturbations = self.get_variable(PERTURBATIONS, PREACTIVATION)
+    perturbations: tuple[jax.Array, ...] = self.get_variable(PERTURBATIONS, PREACTIVATION)
     if call >= len(perturbations):
       raise ValueError(
-          f"FlowDense '{'/'.join(self.path)}': the perturbations hold no entry for call "
-          f"{call + 1} of this layer; they must be made from the same call "
-          "(flax_relgrad.value_and_relative_grad builds them)."
+        f"FlowDense '{'/'.join(self.path)}': the perturbations hold no entry for call "
+        f"{call + 1} of this layer; they must be made from the same call "
+        "(flax_relgrad.value_and_relative_grad builds them)."
       )
     return y + perturbations[call]
 
@@ -130,9 +135,13 @@ class FlowDense(DenseMethods, nn.Module):
     return self.get_variable("params", "kernel"), bias
 
   def _refuse_inverse_in_relative_pass(self) -> None:
-    in_pass = self.is_mutable_collection(PERTURBATIONS) or self.has_variable(PERTURBATIONS, PREACTIVATION)
+    in_pass = self.is_mutable_collection(PERTURBATIONS) or self.has_variable(
+      PERTURBATIONS, PREACTIVATION
+    )
     if in_pass and not self.is_initializing():
-      raise ValueError(f"value_and_relative_grad: flow layer '{'/'.join(self.path)}': {INVERSE_IN_RELATIVE_PASS}")
+      raise ValueError(
+        f"value_and_relative_grad: flow layer '{'/'.join(self.path)}': {INVERSE_IN_RELATIVE_PASS}"
+      )
 
 
 class DiagonalGaussian(nn.Module):
@@ -151,14 +160,13 @@ class DiagonalGaussian(nn.Module):
     return loc, self.param("log_scale", nn.initializers.zeros, (width,), self.param_dtype)
 
 
-class LinenFlowHooks:
+class LinenFlowHooks(FlowMethods):
   """The core's hooks for a Linen flow with `layers`, `activation`, `splines` and an
   optional `base_distribution` made in `setup` (shared by `FlowMLP` and `ConditionalFlowMLP`)."""
 
-  layers: list[FlowDense]
-  activation: Activation
-  splines: list[RationalQuadraticSpline] | None
+  layers: Sequence[FlowDense]
   base: str
+  base_distribution: DiagonalGaussian
 
   def _width(self) -> int | None:
     """D, from the first kernel; None while initializing."""
@@ -173,10 +181,12 @@ class LinenFlowHooks:
     return self.base_distribution(width) if self.base == "diagonal_gaussian" else None
 
 
-def make_layers(num_layers: int, use_bias: bool, kernel_init: Initializer, param_dtype: Dtype) -> list[FlowDense]:
+def make_layers(
+  num_layers: int, use_bias: bool, kernel_init: Initializer, param_dtype: Dtype
+) -> list[FlowDense]:
   return [
-      FlowDense(use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype)
-      for _ in range(num_layers)
+    FlowDense(use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype)
+    for _ in range(num_layers)
   ]
 
 
@@ -220,9 +230,13 @@ class FlowMLP(LinenFlowHooks, Flow, nn.Module):
   def setup(self):
     check_flow_settings(self.num_layers, self.base, self.spline_bins)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
-    self.splines = [
+    self.splines = (
+      [
         RationalQuadraticSpline(self.spline_bins, self.spline_bound, self.param_dtype)
         for _ in range(self.num_layers)
-    ] if self.spline_bins else None
+      ]
+      if self.spline_bins
+      else None
+    )
     if self.base == "diagonal_gaussian":
       self.base_distribution = DiagonalGaussian(self.param_dtype)

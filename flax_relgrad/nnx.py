@@ -34,7 +34,9 @@ from __future__ import annotations
 import flax
 
 if tuple(int(part) for part in flax.__version__.split(".")[:2]) < (0, 12):
-  raise ImportError(f"flax_relgrad.nnx needs flax >= 0.12 (Flax NNX's current API), found flax {flax.__version__}.")
+  raise ImportError(
+    f"flax_relgrad.nnx needs flax >= 0.12 (Flax NNX's current API), found flax {flax.__version__}."
+  )
 
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -61,6 +63,7 @@ from flax_relgrad.core.dense import init_kernel
 from flax_relgrad.core.dense import kernel_log_abs_det
 from flax_relgrad.core.distribution import ConditionalFlow
 from flax_relgrad.core.distribution import Flow
+from flax_relgrad.core.distribution import FlowMethods
 from flax_relgrad.core.distribution import check_context
 from flax_relgrad.core.distribution import split_modulations
 from flax_relgrad.core.splines import Knots
@@ -105,9 +108,9 @@ class _RelativePass:
   def path(self, layer: FlowDense) -> Path:
     if id(layer) not in self.paths:
       raise ValueError(
-          "flax_relgrad.nnx.value_and_relative_grad: the loss applies a FlowDense that is not "
-          "an attribute of the model passed (created in the loss, captured from outside, or "
-          "inside nnx.vmap/nnx.scan, which the NNX relative gradient does not support)."
+        "flax_relgrad.nnx.value_and_relative_grad: the loss applies a FlowDense that is not "
+        "an attribute of the model passed (created in the loss, captured from outside, or "
+        "inside nnx.vmap/nnx.scan, which the NNX relative gradient does not support)."
       )
     return self.paths[id(layer)]
 
@@ -120,8 +123,8 @@ class _RelativePass:
     perturbation = self.perturbations[path][PREACTIVATION][len(calls) - 1]
     if perturbation.shape != y.shape:
       raise ValueError(
-          f"FlowDense '{_name(path)}' (call {len(calls)}): the loss maps another shape {y.shape} "
-          f"than in the discovery pass {perturbation.shape}; it must be a pure function of its args."
+        f"FlowDense '{_name(path)}' (call {len(calls)}): the loss maps another shape {y.shape} "
+        f"than in the discovery pass {perturbation.shape}; it must be a pure function of its args."
       )
     return y + perturbation
 
@@ -133,11 +136,15 @@ class _RelativePass:
     return self.perturbations[path][LOG_ABS_DET]
 
 
-_ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar("relative_pass", default=None)
+_ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar(
+  "relative_pass", default=None
+)
 
 
 @contextlib.contextmanager
-def _relative_pass(model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None) -> Iterator[_RelativePass]:
+def _relative_pass(
+  model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None
+) -> Iterator[_RelativePass]:
   tracker = _RelativePass(model, perturbations)
   token = _ACTIVE.set(tracker)
   try:
@@ -168,14 +175,14 @@ class FlowDense(DenseMethods, nnx.Module):
   """
 
   def __init__(
-      self,
-      width: int,
-      *,
-      use_bias: bool = True,
-      kernel_init: Initializer = ORTHOGONAL,
-      bias_init: Initializer = nnx.initializers.zeros,
-      param_dtype: Dtype = jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    width: int,
+    *,
+    use_bias: bool = True,
+    kernel_init: Initializer = ORTHOGONAL,
+    bias_init: Initializer = nnx.initializers.zeros,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     self.kernel = nnx.Param(init_kernel(kernel_init, rngs.params(), width, param_dtype))
     self.bias = nnx.Param(bias_init(rngs.params(), (width,), param_dtype)) if use_bias else None
@@ -225,7 +232,9 @@ class RationalQuadraticSpline(SplineMethods, nnx.Module):
     param_dtype: dtype of the parameters `widths`, `heights` (D, K), `derivatives` (D, K − 1).
   """
 
-  def __init__(self, width: int, num_bins: int = 8, bound: float = 4.0, *, param_dtype: Dtype = jnp.float32):
+  def __init__(
+    self, width: int, num_bins: int = 8, bound: float = 4.0, *, param_dtype: Dtype = jnp.float32
+  ):
     check_spline_settings(num_bins, bound)
     self.bound = bound
     self.widths = nnx.Param(jnp.zeros((width, num_bins), param_dtype))
@@ -237,11 +246,11 @@ class RationalQuadraticSpline(SplineMethods, nnx.Module):
     return spline_knots(self.widths[...], self.heights[...], self.derivatives[...], self.bound)
 
 
-class _NNXFlowHooks:
+class _NNXFlowHooks(FlowMethods):
   """The core's hooks for an NNX flow (`FlowMLP`, `ConditionalFlowMLP`)."""
 
   width: int
-  layers: nnx.List
+  layers: Sequence[FlowDense]
   base_distribution: DiagonalGaussian | None
 
   def _width(self) -> int | None:
@@ -254,30 +263,42 @@ class _NNXFlowHooks:
     return None if self.base_distribution is None else self.base_distribution()
 
   def _build(
-      self,
-      width: int,
-      num_layers: int,
-      activation: Activation,
-      use_bias: bool,
-      kernel_init: Initializer,
-      param_dtype: Dtype,
-      base: str,
-      spline_bins: int,
-      spline_bound: float,
-      rngs: nnx.Rngs,
+    self,
+    width: int,
+    num_layers: int,
+    activation: Activation,
+    use_bias: bool,
+    kernel_init: Initializer,
+    param_dtype: Dtype,
+    base: str,
+    spline_bins: int,
+    spline_bound: float,
+    rngs: nnx.Rngs,
   ) -> None:
     check_flow_settings(num_layers, base, spline_bins)
     self.width = width
     self.activation = activation
-    self.layers = nnx.List([
-        FlowDense(width, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List(
+      [
+        FlowDense(
+          width, use_bias=use_bias, kernel_init=kernel_init, param_dtype=param_dtype, rngs=rngs
+        )
         for _ in range(num_layers)
-    ])
-    self.splines = nnx.List([
-        RationalQuadraticSpline(width, spline_bins, spline_bound, param_dtype=param_dtype)
-        for _ in range(num_layers)
-    ]) if spline_bins else None
-    self.base_distribution = DiagonalGaussian(width, param_dtype=param_dtype) if base == "diagonal_gaussian" else None
+      ]
+    )
+    self.splines = (
+      nnx.List(
+        [
+          RationalQuadraticSpline(width, spline_bins, spline_bound, param_dtype=param_dtype)
+          for _ in range(num_layers)
+        ]
+      )
+      if spline_bins
+      else None
+    )
+    self.base_distribution = (
+      DiagonalGaussian(width, param_dtype=param_dtype) if base == "diagonal_gaussian" else None
+    )
 
 
 class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
@@ -303,21 +324,30 @@ class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
   """
 
   def __init__(
-      self,
-      width: int,
-      num_layers: int = 2,
-      *,
-      activation: Activation = DEFAULT_ACTIVATION,
-      use_bias: bool = True,
-      kernel_init: Initializer = ORTHOGONAL,
-      param_dtype: Dtype = jnp.float32,
-      base: str = "normal",
-      spline_bins: int = 0,
-      spline_bound: float = 4.0,
-      rngs: nnx.Rngs,
+    self,
+    width: int,
+    num_layers: int = 2,
+    *,
+    activation: Activation = DEFAULT_ACTIVATION,
+    use_bias: bool = True,
+    kernel_init: Initializer = ORTHOGONAL,
+    param_dtype: Dtype = jnp.float32,
+    base: str = "normal",
+    spline_bins: int = 0,
+    spline_bound: float = 4.0,
+    rngs: nnx.Rngs,
   ):
     self._build(
-        width, num_layers, activation, use_bias, kernel_init, param_dtype, base, spline_bins, spline_bound, rngs
+      width,
+      num_layers,
+      activation,
+      use_bias,
+      kernel_init,
+      param_dtype,
+      base,
+      spline_bins,
+      spline_bound,
+      rngs,
     )
 
 
@@ -335,13 +365,19 @@ class ModulationHead(nnx.Module):
   """
 
   def __init__(
-      self, features: int, width: int, num_layers: int, *, scale: bool = True,
-      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
+    self,
+    features: int,
+    width: int,
+    num_layers: int,
+    *,
+    scale: bool = True,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     self.width, self.num_layers, self.scale = width, num_layers, scale
     outputs = num_layers * (2 if scale else 1) * width
     self.linear = nnx.Linear(
-        features, outputs, kernel_init=nnx.initializers.zeros, param_dtype=param_dtype, rngs=rngs
+      features, outputs, kernel_init=nnx.initializers.zeros, param_dtype=param_dtype, rngs=rngs
     )
 
   def __call__(self, h: jax.Array) -> list[Modulation]:
@@ -369,28 +405,30 @@ class ConditionalFlowMLP(_NNXFlowHooks, ConditionalFlow, nnx.Module):
   """
 
   def __init__(
-      self,
-      width: int,
-      context_features: int,
-      num_layers: int = 2,
-      *,
-      conditioner: Callable[[jax.Array], jax.Array] | None = None,
-      activation: Activation = DEFAULT_ACTIVATION,
-      context_scale: bool = True,
-      use_bias: bool = True,
-      kernel_init: Initializer = ORTHOGONAL,
-      param_dtype: Dtype = jnp.float32,
-      base: str = "normal",
-      rngs: nnx.Rngs,
+    self,
+    width: int,
+    context_features: int,
+    num_layers: int = 2,
+    *,
+    conditioner: Callable[[jax.Array], jax.Array] | None = None,
+    activation: Activation = DEFAULT_ACTIVATION,
+    context_scale: bool = True,
+    use_bias: bool = True,
+    kernel_init: Initializer = ORTHOGONAL,
+    param_dtype: Dtype = jnp.float32,
+    base: str = "normal",
+    rngs: nnx.Rngs,
   ):
-    self._build(width, num_layers, activation, use_bias, kernel_init, param_dtype, base, 0, 1.0, rngs)
+    self._build(
+      width, num_layers, activation, use_bias, kernel_init, param_dtype, base, 0, 1.0, rngs
+    )
     self.conditioner = conditioner
     self.head = ModulationHead(
-        context_features, width, num_layers, scale=context_scale, param_dtype=param_dtype, rngs=rngs
+      context_features, width, num_layers, scale=context_scale, param_dtype=param_dtype, rngs=rngs
     )
 
   def _modulations(
-      self, context: tuple[jax.Array, ...], leading_shape: tuple[int, ...], width: int
+    self, context: tuple[jax.Array, ...], leading_shape: tuple[int, ...], width: int
   ) -> Sequence[Modulation]:
     c = check_context(context, leading_shape, type(self).__name__)
     return self.head(c if self.conditioner is None else self.conditioner(c))
@@ -400,11 +438,11 @@ LossFn = Callable[..., Any]
 
 
 def value_and_relative_grad(
-    loss_fn: LossFn,
-    *,
-    has_aux: bool = False,
-    exact_loss: bool = False,
-    require_log_det: bool = True,
+  loss_fn: LossFn,
+  *,
+  has_aux: bool = False,
+  exact_loss: bool = False,
+  require_log_det: bool = True,
 ) -> Callable[..., tuple[Any, nnx.State]]:
   """Like `nnx.value_and_grad(loss_fn)`, for an NNX model that contains flow layers.
 
@@ -437,7 +475,7 @@ def value_and_relative_grad(
   """
 
   value_grad_and_args = value_grad_and_relative_args(
-      loss_fn, has_aux=has_aux, exact_loss=exact_loss, require_log_det=require_log_det
+    loss_fn, has_aux=has_aux, exact_loss=exact_loss, require_log_det=require_log_det
   )
 
   def value_and_grad_fn(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State]:
@@ -448,11 +486,11 @@ def value_and_relative_grad(
 
 
 def value_grad_and_relative_args(
-    loss_fn: LossFn,
-    *,
-    has_aux: bool = False,
-    exact_loss: bool = False,
-    require_log_det: bool = True,
+  loss_fn: LossFn,
+  *,
+  has_aux: bool = False,
+  exact_loss: bool = False,
+  require_log_det: bool = True,
 ) -> Callable[..., tuple[Any, nnx.State, RelativeArgs]]:
   """The pass of `value_and_relative_grad`, stopped before the rewrite: for
   `optax.chain(fr.relative_jacobian(), ...)` in an `nnx.Optimizer`.
@@ -465,7 +503,9 @@ def value_grad_and_relative_args(
       optimizer.update(model, grads, relative_args=relative_args)
   """
 
-  def value_grad_and_args_fn(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State, RelativeArgs]:
+  def value_grad_and_args_fn(
+    model: nnx.Module, *args: Any, **kwargs: Any
+  ) -> tuple[Any, nnx.State, RelativeArgs]:
     discovered, applied = _discover(model, loss_fn, args, kwargs)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     placeholders = _placeholders(discovered, params, applied, exact_loss, require_log_det)
@@ -479,14 +519,16 @@ def value_grad_and_relative_args(
       return loss, (output, flax.traverse_util.unflatten_dict(calls))
 
     (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
-        loss_and_preactivations, argnums=(0, 1), has_aux=True
+      loss_and_preactivations, argnums=(0, 1), has_aux=True
     )(model, placeholders, *args, **kwargs)
     return output, grads, RelativeArgs(preactivations, perturbation_grads)
 
   return value_grad_and_args_fn
 
 
-def _discover(model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict) -> tuple[PyTree, set[Path]]:
+def _discover(
+  model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict
+) -> tuple[PyTree, set[Path]]:
   """A shape-only pass (free under jit, no effect on the model's state): the shapes of every
   flow layer's pre-activations, one per call, and a log-det entry for each layer whose
   log|det W| the loss uses, as `{path: {PREACTIVATION: (...), LOG_ABS_DET: ()}}`; and the

@@ -35,13 +35,13 @@ LossFn = Callable[..., Any]
 
 
 def value_and_relative_grad(
-    model: nn.Module,
-    loss_fn: LossFn | str,
-    *,
-    has_aux: bool = False,
-    exact_loss: bool = False,
-    require_log_det: bool = True,
-    mutable: Sequence[str] = (),
+  model: nn.Module,
+  loss_fn: LossFn | str,
+  *,
+  has_aux: bool = False,
+  exact_loss: bool = False,
+  require_log_det: bool = True,
+  mutable: Sequence[str] = (),
 ) -> Callable[..., tuple[Any, PyTree]]:
   """Like `jax.value_and_grad`, for a loss of a Linen module that contains flow layers.
 
@@ -93,7 +93,12 @@ def value_and_relative_grad(
     The function `(params, *args, rngs=None, model_state=None, **kwargs) -> (value, grads)`.
   """
   value_grad_and_args = value_grad_and_relative_args(
-      model, loss_fn, has_aux=has_aux, exact_loss=exact_loss, require_log_det=require_log_det, mutable=mutable
+    model,
+    loss_fn,
+    has_aux=has_aux,
+    exact_loss=exact_loss,
+    require_log_det=require_log_det,
+    mutable=mutable,
   )
 
   def value_and_grad_fn(params: PyTree, *args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
@@ -104,13 +109,13 @@ def value_and_relative_grad(
 
 
 def value_grad_and_relative_args(
-    model: nn.Module,
-    loss_fn: LossFn | str,
-    *,
-    has_aux: bool = False,
-    exact_loss: bool = False,
-    require_log_det: bool = True,
-    mutable: Sequence[str] = (),
+  model: nn.Module,
+  loss_fn: LossFn | str,
+  *,
+  has_aux: bool = False,
+  exact_loss: bool = False,
+  require_log_det: bool = True,
+  mutable: Sequence[str] = (),
 ) -> Callable[..., tuple[Any, PyTree, RelativeArgs]]:
   """The pass of `value_and_relative_grad`, stopped before the rewrite: for the Optax
   transform `relative_jacobian()`.
@@ -127,7 +132,7 @@ def value_grad_and_relative_args(
   """
 
   def value_grad_and_args_fn(
-      params: PyTree, *args: Any, rngs: Any = None, model_state: PyTree = None, **kwargs: Any
+    params: PyTree, *args: Any, rngs: Any = None, model_state: PyTree = None, **kwargs: Any
   ) -> tuple[Any, PyTree, RelativeArgs]:
     model_state = _check_model_state(model_state, mutable)
 
@@ -136,7 +141,12 @@ def value_grad_and_relative_args(
       if perturbations is not None:
         variables[PERTURBATIONS] = perturbations
       return model.apply(
-          variables, *args, method=loss_fn, mutable=list(collections) + list(mutable), rngs=rngs, **kwargs
+        variables,
+        *args,
+        method=loss_fn,
+        mutable=list(collections) + list(mutable),
+        rngs=rngs,
+        **kwargs,
       )
 
     applied_layers = set()
@@ -154,9 +164,9 @@ def value_grad_and_relative_args(
       discovered = jax.eval_shape(discover, params)
     except flax.errors.ScopeCollectionNotFound as error:
       raise ValueError(
-          f"value_and_relative_grad: the loss reads a variable collection that was not passed ({error}). "
-          "Pass the model's other collections as model_state={'batch_stats': ...} (and "
-          "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
+        f"value_and_relative_grad: the loss reads a variable collection that was not passed ({error}). "
+        "Pass the model's other collections as model_state={'batch_stats': ...} (and "
+        "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
       ) from error
     except jax.errors.UnexpectedTracerError as error:
       raise ValueError(RAW_TRANSFORM) from error
@@ -175,7 +185,7 @@ def value_grad_and_relative_args(
 
     try:
       (_, (output, new_state, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
-          loss_and_state, argnums=(0, 1), has_aux=True
+        loss_and_state, argnums=(0, 1), has_aux=True
       )(params, placeholders)
     except jax.errors.UnexpectedTracerError as error:
       raise ValueError(RAW_TRANSFORM) from error
@@ -186,19 +196,19 @@ def value_grad_and_relative_args(
 
 
 RAW_TRANSFORM = (
-    "value_and_relative_grad: a flow layer leaked a traced value out of a JAX transform: the loss "
-    "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint, where Flax cannot record "
-    "its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
-    "with variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
-    "variable_broadcast='params' for one flow shared by every step)."
+  "value_and_relative_grad: a flow layer leaked a traced value out of a JAX transform: the loss "
+  "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint, where Flax cannot record "
+  "its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
+  "with variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
+  "variable_broadcast='params' for one flow shared by every step)."
 )
 
 LIFTED_AXES = (
-    "value_and_relative_grad: applying the loss failed with an axis error; if it runs a flow "
-    "layer inside nn.vmap or nn.scan, check their axes. "
-    "The relative gradient needs 'intermediates' and 'perturbations' on axis 0, and 'params' on "
-    "axis 0 (one flow per index) or broadcast (variable_broadcast='params', one flow shared), "
-    "e.g. nn.vmap(..., variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0})"
+  "value_and_relative_grad: applying the loss failed with an axis error; if it runs a flow "
+  "layer inside nn.vmap or nn.scan, check their axes. "
+  "The relative gradient needs 'intermediates' and 'perturbations' on axis 0, and 'params' on "
+  "axis 0 (one flow per index) or broadcast (variable_broadcast='params', one flow shared), "
+  "e.g. nn.vmap(..., variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0})"
 )
 
 
@@ -211,30 +221,32 @@ def _looks_like_lifted_axes(error: Exception) -> bool:
 def _check_model_state(model_state: PyTree, mutable: Sequence[str]) -> dict[str, Any]:
   """The other collections as a dict, refusing names the bookkeeping owns."""
   if isinstance(mutable, str):
-    raise TypeError(f"mutable must be a sequence of collection names, e.g. [{mutable!r}], not a string.")
+    raise TypeError(
+      f"mutable must be a sequence of collection names, e.g. [{mutable!r}], not a string."
+    )
   model_state = dict(model_state or {})
   reserved = {"params", INTERMEDIATES, PERTURBATIONS} & (set(model_state) | set(mutable))
   if reserved:
     raise ValueError(
-        f"value_and_relative_grad: {sorted(reserved)} cannot be in model_state or mutable: params are the "
-        "first argument, and the relative-gradient bookkeeping owns 'intermediates' and 'perturbations' "
-        "(read what your model sows with has_aux and Module.sow into another collection)."
+      f"value_and_relative_grad: {sorted(reserved)} cannot be in model_state or mutable: params are the "
+      "first argument, and the relative-gradient bookkeeping owns 'intermediates' and 'perturbations' "
+      "(read what your model sows with has_aux and Module.sow into another collection)."
     )
   missing = [name for name in mutable if name not in model_state]
   if missing:
     raise ValueError(
-        f"value_and_relative_grad: mutable names {missing} but model_state holds no such collection; "
-        "pass their current values, e.g. model_state={'batch_stats': variables['batch_stats']}."
+      f"value_and_relative_grad: mutable names {missing} but model_state holds no such collection; "
+      "pass their current values, e.g. model_state={'batch_stats': variables['batch_stats']}."
     )
   return model_state
 
 
 def _placeholders(
-    discovered: PyTree,
-    params: PyTree,
-    applied_layers: set[tuple[str, ...]],
-    exact_loss: bool,
-    require_log_det: bool,
+  discovered: PyTree,
+  params: PyTree,
+  applied_layers: set[tuple[str, ...]],
+  exact_loss: bool,
+  require_log_det: bool,
 ) -> PyTree:
   """Zero perturbations shaped like the discovered ones; log-det placeholders filled in."""
   flat = flax.traverse_util.flatten_dict(discovered)
@@ -242,26 +254,30 @@ def _placeholders(
   untracked = applied_layers - {path[:-1] for path in flat if path[-1] == PREACTIVATION}
   if untracked:
     raise ValueError(
-        f"value_and_relative_grad: flow layers {sorted('/'.join(p) for p in untracked)} were "
-        "applied where the relative-gradient collections do not reach them: inside nn.vmap or "
-        "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same "
-        "axis as 'params' (0), e.g. variable_axes={'params': 0, 'intermediates': 0, "
-        "'perturbations': 0}."
+      f"value_and_relative_grad: flow layers {sorted('/'.join(p) for p in untracked)} were "
+      "applied where the relative-gradient collections do not reach them: inside nn.vmap or "
+      "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same "
+      "axis as 'params' (0), e.g. variable_axes={'params': 0, 'intermediates': 0, "
+      "'perturbations': 0}."
     )
   if not layers:
     raise ValueError(
-        "value_and_relative_grad: the loss applies no flow layer (FlowDense); the relative "
-        "gradient is for models that contain one. Use jax.value_and_grad otherwise."
+      "value_and_relative_grad: the loss applies no flow layer (FlowDense); the relative "
+      "gradient is for models that contain one. Use jax.value_and_grad otherwise."
     )
   flat_params = flax.traverse_util.flatten_dict(params)
-  placeholders = {}
+  placeholders: dict[tuple[str, ...], Any] = {}
   for layer in sorted(layers):
     name = "/".join(map(str, layer)) or "<root>"
     preactivations = flat.get(layer + (PREACTIVATION,), ())
     for y in preactivations:
       if y.size == 0:
-        raise ValueError(f"value_and_relative_grad: flow layer '{name}' was applied to an empty batch {y.shape}.")
-    placeholders[layer + (PREACTIVATION,)] = tuple(jnp.zeros(y.shape, y.dtype) for y in preactivations)
+        raise ValueError(
+          f"value_and_relative_grad: flow layer '{name}' was applied to an empty batch {y.shape}."
+        )
+    placeholders[layer + (PREACTIVATION,)] = tuple(
+      jnp.zeros(y.shape, y.dtype) for y in preactivations
+    )
     kernel = flat_params[layer + ("kernel",)]
     # One value per kernel; under nn.scan with broadcast params, one per step (shape (T,)).
     discovered_log_det = flat.get(layer + (LOG_ABS_DET,))
@@ -274,9 +290,9 @@ def _placeholders(
     placeholders[layer + (LOG_ABS_DET,)] = log_abs_det
     if layer + (LOG_ABS_DET,) not in flat and require_log_det:
       raise ValueError(
-          f"value_and_relative_grad: the loss applies flow layer '{name}' but never uses its "
-          "log|det W|, so it is not a likelihood (use log_prob or forward_and_log_det, which "
-          "include it). If the loss truly does not contain it, pass require_log_det=False."
+        f"value_and_relative_grad: the loss applies flow layer '{name}' but never uses its "
+        "log|det W|, so it is not a likelihood (use log_prob or forward_and_log_det, which "
+        "include it). If the loss truly does not contain it, pass require_log_det=False."
       )
   return flax.traverse_util.unflatten_dict(placeholders)
 
@@ -284,14 +300,16 @@ def _placeholders(
 def _preactivations(intermediates: PyTree) -> PyTree:
   """The flow layers' sown pre-activations, without anything else the model sowed."""
   flat = flax.traverse_util.flatten_dict(intermediates)
-  return flax.traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] == PREACTIVATION})
+  return flax.traverse_util.unflatten_dict(
+    {p: v for p, v in flat.items() if p[-1] == PREACTIVATION}
+  )
 
 
 def _check_scalar_loss(loss: Any) -> None:
   if jnp.shape(loss) != ():
     raise ValueError(
-        f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
-        " (reduce over the batch, e.g. with .mean(); with has_aux=True return (loss, aux))."
+      f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
+      " (reduce over the batch, e.g. with .mean(); with has_aux=True return (loss, aux))."
     )
 
 
@@ -301,13 +319,15 @@ def nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
   axis of x."""
   if not hasattr(module, "log_prob"):
     raise ValueError(
-        f"{type(module).__name__} has no log_prob method; write the loss of your model as "
-        "loss_fn(module, *args) and pass it to value_and_relative_grad."
+      f"{type(module).__name__} has no log_prob method; write the loss of your model as "
+      "loss_fn(module, *args) and pass it to value_and_relative_grad."
     )
   return -jnp.mean(module.log_prob(x, *args))
 
 
-def value_and_exact_grad(model: nn.Module, params: PyTree, x: jax.Array, *args: Any) -> tuple[jax.Array, PyTree]:
+def value_and_exact_grad(
+  model: nn.Module, params: PyTree, x: jax.Array, *args: Any
+) -> tuple[jax.Array, PyTree]:
   """Batch-mean exact NLL −log p(x | `*args`) and its Euclidean gradient, autodiff through
   `slogdet` (O(D³) per layer)."""
   return jax.value_and_grad(lambda p: model.apply({"params": p}, x, *args, method=nll))(params)

@@ -30,11 +30,11 @@ Path = tuple[str, ...]
 
 
 def relative_layer_update(
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    preactivation: jax.Array,
-    delta: jax.Array,
-    log_det_grad: jax.Array | float = -1.0,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  preactivation: jax.Array,
+  delta: jax.Array,
+  log_det_grad: jax.Array | float = -1.0,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Exact relative gradient (ΔW, Δb) of one layer from its pre-activations and δ.
 
@@ -103,11 +103,13 @@ def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArg
     A tree like `grads`; the leaves of other parameters are untouched.
   """
   replacements = {
-      path: update
-      for layer in _layer_updates(params, relative_args)
-      for path, update in layer.replacements.items()
+    path: update
+    for layer in _layer_updates(params, relative_args)
+    for path, update in layer.replacements.items()
   }
-  return jax.tree_util.tree_map_with_path(lambda key_path, leaf: replacements.get(_path(key_path), leaf), grads)
+  return jax.tree_util.tree_map_with_path(
+    lambda key_path, leaf: replacements.get(_path(key_path), leaf), grads
+  )
 
 
 def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> jax.Array:
@@ -119,7 +121,9 @@ def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArg
   its kernel leaf G, whose inner product with W must equal Σ_rows (y − b)·δ, as
   ⟨zᵀ δ, W⟩ = Σ (z W)·δ. O(B·D) per layer.
   """
-  leaves = {_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  leaves = {
+    _path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
+  }
   mismatches = []
   for layer in _layer_updates(params, relative_args):
     if layer.bias_path is not None:
@@ -131,9 +135,9 @@ def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArg
     dtype = jnp.promote_types(expected.dtype, jnp.float32)
     eps = jnp.finfo(jnp.promote_types(received.dtype, expected.dtype)).eps
     error = jnp.linalg.norm((received - expected).astype(dtype).ravel())
-    allowed = 1e-3 * jnp.linalg.norm(expected.astype(dtype).ravel()) + jnp.sqrt(eps) * jnp.linalg.norm(
-        tolerance_scale.astype(dtype).ravel()
-    )
+    allowed = 1e-3 * jnp.linalg.norm(expected.astype(dtype).ravel()) + jnp.sqrt(
+      eps
+    ) * jnp.linalg.norm(tolerance_scale.astype(dtype).ravel())
     mismatches.append(~(error <= allowed))  # NaN counts as a mismatch
   return jnp.any(jnp.stack(mismatches)) if mismatches else jnp.array(False)
 
@@ -170,22 +174,28 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
   """Every flow layer's relative update (kernel and bias leaves) and fingerprint sums."""
   if not isinstance(relative_args, RelativeArgs):
     raise TypeError(
-        f"relative_args must be the RelativeArgs that value_grad_and_relative_args returns, got "
-        f"{type(relative_args).__name__}."
+      f"relative_args must be the RelativeArgs that value_grad_and_relative_args returns, got "
+      f"{type(relative_args).__name__}."
     )
-  flat_params = {_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat_params = {
+    _path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   flat_intermediates = _flat(relative_args.preactivations)
   flat_perturbations = _flat(relative_args.perturbation_grads)
-  layers = sorted({path[:-1] for path in flat_perturbations if path[-1] in (PREACTIVATION, LOG_ABS_DET)})
+  layers = sorted(
+    {path[:-1] for path in flat_perturbations if path[-1] in (PREACTIVATION, LOG_ABS_DET)}
+  )
   if not layers:
-    raise ValueError("relative_args hold no flow layer: they must come from value_grad_and_relative_args.")
+    raise ValueError(
+      "relative_args hold no flow layer: they must come from value_grad_and_relative_args."
+    )
   updates = []
   for layer_path in layers:
     layer = "/".join(layer_path) or "<root>"
     layer_params = {
-        path[len(layer_path)]: leaf if len(path) == len(layer_path) + 1 else None
-        for path, leaf in flat_params.items()
-        if len(path) > len(layer_path) and path[: len(layer_path)] == layer_path
+      path[len(layer_path)]: leaf if len(path) == len(layer_path) + 1 else None
+      for path, leaf in flat_params.items()
+      if len(path) > len(layer_path) and path[: len(layer_path)] == layer_path
     }
     deltas = flat_perturbations.get(layer_path + (PREACTIVATION,))
     log_det_grad = flat_perturbations.get(layer_path + (LOG_ABS_DET,))
@@ -195,7 +205,9 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
     width = kernel.shape[-1]
 
     def rows(arrays, stacked=stacked, width=width):
-      return jnp.concatenate([a.reshape(a.shape[:stacked] + (-1, width)) for a in arrays], axis=stacked)
+      return jnp.concatenate(
+        [a.reshape(a.shape[:stacked] + (-1, width)) for a in arrays], axis=stacked
+      )
 
     update = relative_layer_update
     for _ in range(stacked):
@@ -203,10 +215,11 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
     y, delta = rows(ys), rows(deltas)
     kernel_update, bias_update = update(kernel, bias, y, delta, log_det_grad)
     replacements = {layer_path + ("kernel",): kernel_update}
-    if bias is not None:
+    if bias is not None and bias_update is not None:
       replacements[layer_path + ("bias",)] = bias_update
       y = y - jnp.expand_dims(bias, -2)
-    updates.append(_LayerUpdate(
+    updates.append(
+      _LayerUpdate(
         replacements,
         kernel,
         layer_path + ("kernel",),
@@ -215,16 +228,17 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
         jnp.abs(delta).sum(-2),
         (y * delta).sum(),
         (jnp.abs(y) * jnp.abs(delta)).sum(),
-    ))
+      )
+    )
   return updates
 
 
 def _check_layer(
-    layer: str,
-    layer_params: dict[str, jax.Array],
-    preactivations: tuple[jax.Array, ...] | None,
-    deltas: tuple[jax.Array, ...] | None,
-    log_det_grad: jax.Array | None,
+  layer: str,
+  layer_params: dict[str, Any],
+  preactivations: tuple[jax.Array, ...] | None,
+  deltas: tuple[jax.Array, ...] | None,
+  log_det_grad: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """The layer's (kernel, bias, λ) after checking everything the update relies on."""
   prefix = f"flow layer '{layer}'"
@@ -235,16 +249,20 @@ def _check_layer(
   others = sorted(set(layer_params) - {"kernel", "bias"})
   if others:
     raise ValueError(
-        f"{prefix} has params {others} beside kernel and bias. Its sown pre-activation must be "
-        "z @ kernel + bias with its own kernel and bias only; put context-dependent shifts or "
-        "scales in a separate module applied after the FlowDense (see ConditionalFlowMLP)."
+      f"{prefix} has params {others} beside kernel and bias. Its sown pre-activation must be "
+      "z @ kernel + bias with its own kernel and bias only; put context-dependent shifts or "
+      "scales in a separate module applied after the FlowDense (see ConditionalFlowMLP)."
     )
   if preactivations is None or deltas is None:
     raise ValueError(f"{prefix}: the loss uses its log|det W| but never applies the layer.")
+  if log_det_grad is None:
+    raise ValueError(
+      f"{prefix}: the relative args hold no log-det gradient for it; make them with value_grad_and_relative_args."
+    )
   if kernel.ndim < 2 or kernel.shape[-1] != kernel.shape[-2]:
     raise ValueError(
-        f"{prefix} has a kernel of shape {kernel.shape}; the relative gradient needs square "
-        "(D, D) kernels, or (E, D, D) for E layers stacked by nn.vmap."
+      f"{prefix} has a kernel of shape {kernel.shape}; the relative gradient needs square "
+      "(D, D) kernels, or (E, D, D) for E layers stacked by nn.vmap."
     )
   stack_shape, width = kernel.shape[:-2], kernel.shape[-1]
   if bias is not None and bias.shape != stack_shape + (width,):
@@ -255,16 +273,16 @@ def _check_layer(
     log_det_grad = jnp.sum(log_det_grad)
   if jnp.shape(log_det_grad) != stack_shape:
     raise ValueError(
-        f"{prefix} has a log-det gradient of shape {jnp.shape(log_det_grad)}, expected "
-        f"{stack_shape}: under nn.vmap or nn.scan, use axis 0 for 'params', 'intermediates' and "
-        "'perturbations'."
+      f"{prefix} has a log-det gradient of shape {jnp.shape(log_det_grad)}, expected "
+      f"{stack_shape}: under nn.vmap or nn.scan, use axis 0 for 'params', 'intermediates' and "
+      "'perturbations'."
     )
   for call, (y, delta) in enumerate(zip(preactivations, deltas, strict=True)):
     if y.shape != delta.shape or y.shape[-1] != width or y.shape[: len(stack_shape)] != stack_shape:
       raise ValueError(
-          f"{prefix} (call {call + 1}) has pre-activation {y.shape} and δ {delta.shape}, but "
-          f"both must be {stack_shape + ('...', width)}: under nn.vmap or nn.scan, use axis 0 "
-          "for 'params', 'intermediates' and 'perturbations'."
+        f"{prefix} (call {call + 1}) has pre-activation {y.shape} and δ {delta.shape}, but "
+        f"both must be {stack_shape + ('...', width)}: under nn.vmap or nn.scan, use axis 0 "
+        "for 'params', 'intermediates' and 'perturbations'."
       )
   if sum(y.size for y in preactivations) == 0:
     raise ValueError(f"{prefix} was applied to an empty batch; there is nothing to learn from.")

@@ -34,18 +34,18 @@ from flax_relgrad.relative import euclidean_mismatch
 from flax_relgrad.relative import relative_gradients
 
 MISSING_ARGS = (
-    "relative_jacobian() needs relative_args: call tx.update(grads, opt_state, params, "
-    "relative_args=relative_args) with the three outputs of fr.value_grad_and_relative_args "
-    "(value, grads, relative_args). Flax's TrainState.apply_gradients cannot pass them: use "
-    "fr.value_and_relative_grad and a plain optimizer there (its grads are already relative)."
+  "relative_jacobian() needs relative_args: call tx.update(grads, opt_state, params, "
+  "relative_args=relative_args) with the three outputs of fr.value_grad_and_relative_args "
+  "(value, grads, relative_args). Flax's TrainState.apply_gradients cannot pass them: use "
+  "fr.value_and_relative_grad and a plain optimizer there (its grads are already relative)."
 )
 
 MISMATCH = (
-    "relative_jacobian() received gradients that differ from those its relative_args were "
-    "made with. It must come first in the chain, directly on the grads of "
-    "fr.value_grad_and_relative_args from the same call (same batch, same params). Scale, "
-    "clip, accumulate (optax.MultiSteps) or average across devices after it: "
-    "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3))."
+  "relative_jacobian() received gradients that differ from those its relative_args were "
+  "made with. It must come first in the chain, directly on the grads of "
+  "fr.value_grad_and_relative_args from the same call (same batch, same params). Scale, "
+  "clip, accumulate (optax.MultiSteps) or average across devices after it: "
+  "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3))."
 )
 
 
@@ -69,18 +69,20 @@ def relative_jacobian() -> optax.GradientTransformationExtraArgs:
     return optax.EmptyState()
 
   def update_fn(
-      updates: Any,
-      state: optax.EmptyState,
-      params: Any = None,
-      *,
-      relative_args: RelativeArgs | None = None,
-      **extra_args: Any,
+    updates: Any,
+    state: optax.EmptyState,
+    params: Any = None,
+    *,
+    relative_args: RelativeArgs | None = None,
+    **extra_args: Any,
   ) -> tuple[Any, optax.EmptyState]:
     del extra_args  # meant for other transforms of the chain
     if relative_args is None:
       raise ValueError(MISSING_ARGS)
     if params is None:
-      raise ValueError("relative_jacobian() needs params: tx.update(grads, opt_state, params, relative_args=...).")
+      raise ValueError(
+        "relative_jacobian() needs params: tx.update(grads, opt_state, params, relative_args=...)."
+      )
     mismatch = euclidean_mismatch(params, updates, relative_args)
     jax.debug.callback(_raise_if_mismatch, mismatch)
     return relative_gradients(params, updates, relative_args), state

@@ -47,7 +47,9 @@ def brute_force_relative_gradient(kernel, bias, kernel_grad, bias_grad):
   if bias is None:
     bias, bias_grad = jnp.zeros(width), jnp.zeros(width)
   augmented = jnp.block([[kernel, jnp.zeros((width, 1))], [bias[None], jnp.ones((1, 1))]])
-  augmented_grad = jnp.block([[kernel_grad, jnp.zeros((width, 1))], [bias_grad[None], jnp.zeros((1, 1))]])
+  augmented_grad = jnp.block(
+    [[kernel_grad, jnp.zeros((width, 1))], [bias_grad[None], jnp.zeros((1, 1))]]
+  )
   relative = augmented @ augmented.T @ augmented_grad
   return relative[:width, :width], relative[width, :width]
 
@@ -56,7 +58,10 @@ def perturb_params(params, seed: int, scale: float = 0.3):
   """Every leaf moved by scale·N(0, 1), so that no term of a gradient vanishes."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  noisy = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+  noisy = [
+    leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+    for leaf, k in zip(leaves, keys, strict=True)
+  ]
   return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
@@ -78,4 +83,5 @@ def maf_release_dir(tmp_path_factory):
   second conftest.py would shadow this one for `from conftest import ...`.
   """
   from maf_release import write_release  # pylint: disable=g-import-not-at-top
+
   return write_release(str(tmp_path_factory.mktemp("maf_release")))

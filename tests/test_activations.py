@@ -32,9 +32,9 @@ def test_log_derivative_is_finite_and_exact_at_extremes(alpha):
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_inverse_round_trip_float32_whole_line(alpha):
   activation = fr.SmoothLeakyReLU(alpha)
-  t = jnp.concatenate([
-      -jnp.logspace(-6, 4, 400), jnp.linspace(-30, 30, 601), jnp.logspace(-6, 4, 400)
-  ]).astype(jnp.float32)
+  t = jnp.concatenate(
+    [-jnp.logspace(-6, 4, 400), jnp.linspace(-30, 30, 601), jnp.logspace(-6, 4, 400)]
+  ).astype(jnp.float32)
   recovered = jax.jit(activation.inverse)(activation(t))
   assert recovered.dtype == jnp.float32
   # σ⁻¹ is 1/α-Lipschitz, so rounding σ(t) to float32 can move the answer by |σ(t)|·eps/α.
@@ -76,10 +76,14 @@ def test_custom_activation_plugs_into_flow(float64):
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]
   x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
   z = model.apply({"params": params}, x)
-  np.testing.assert_allclose(model.apply({"params": params}, z, method=fr.FlowMLP.inverse), x, atol=1e-12)
+  np.testing.assert_allclose(
+    model.apply({"params": params}, z, method=fr.FlowMLP.inverse), x, atol=1e-12
+  )
   jacobians = jax.vmap(jax.jacfwd(lambda v: model.apply({"params": params}, v)))(x)
   expected = fr.standard_normal_log_prob(z) + jnp.linalg.slogdet(jacobians)[1]
-  np.testing.assert_allclose(model.apply({"params": params}, x, method=fr.FlowMLP.log_prob), expected, rtol=1e-12)
+  np.testing.assert_allclose(
+    model.apply({"params": params}, x, method=fr.FlowMLP.log_prob), expected, rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize("alpha", [0.01, 0.3])
@@ -91,7 +95,9 @@ def test_inverse_derivatives_match_finite_differences(float64, alpha):
   eps = 1e-6
   finite = (activation.inverse(y + eps) - activation.inverse(y - eps)) / (2 * eps)
   np.testing.assert_allclose(jax.vmap(jax.grad(activation.inverse))(y), finite, rtol=1e-6)
-  np.testing.assert_allclose(jax.jvp(activation.inverse, (y,), (jnp.ones_like(y),))[1], finite, rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.jvp(activation.inverse, (y,), (jnp.ones_like(y),))[1], finite, rtol=1e-6
+  )
   first = jax.vmap(jax.grad(activation.inverse))
   second_finite = (first(y + eps) - first(y - eps)) / (2 * eps)
   second = jax.vmap(jax.grad(jax.grad(activation.inverse)))(y)

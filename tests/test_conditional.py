@@ -37,7 +37,9 @@ def test_context_changes_the_density_and_inverse_round_trips(float64):
   c = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 2))
   params = perturb_params(model.init(jax.random.PRNGKey(2), x, c)["params"], 3)
   z = model.apply({"params": params}, x, c)
-  np.testing.assert_allclose(model.apply({"params": params}, z, c, method="inverse"), x, rtol=1e-9, atol=1e-10)
+  np.testing.assert_allclose(
+    model.apply({"params": params}, z, c, method="inverse"), x, rtol=1e-9, atol=1e-10
+  )
   other = model.apply({"params": params}, x, c[::-1], method="log_prob")
   assert not np.allclose(other, model.apply({"params": params}, x, c, method="log_prob"))
 
@@ -70,10 +72,21 @@ def test_learns_a_context_dependent_density():
   for index in range(600):
     rows = slice((index % 39) * 100, (index % 39 + 1) * 100)
     state = step(state, x[rows], c[rows])
-  log_prob = float(model.apply({"params": state.params}, x[3900:], c[3900:], method="log_prob").mean())
+  log_prob = float(
+    model.apply({"params": state.params}, x[3900:], c[3900:], method="log_prob").mean()
+  )
   marginal = x[:3900]
-  best_gaussian = float(jnp.mean(jax.scipy.stats.multivariate_normal.logpdf(
-      x[3900:], marginal.mean(0), jnp.cov(marginal.T))))
-  truth = float(jnp.mean(jax.scipy.stats.norm.logpdf(x[3900:], 2 * c[3900:], jnp.sqrt(1 + c[3900:]**2)).sum(-1)))
-  print(f"held-out log p: conditional flow {log_prob:.3f}, best Gaussian {best_gaussian:.3f}, truth {truth:.3f}")
+  best_gaussian = float(
+    jnp.mean(
+      jax.scipy.stats.multivariate_normal.logpdf(x[3900:], marginal.mean(0), jnp.cov(marginal.T))
+    )
+  )
+  truth = float(
+    jnp.mean(
+      jax.scipy.stats.norm.logpdf(x[3900:], 2 * c[3900:], jnp.sqrt(1 + c[3900:] ** 2)).sum(-1)
+    )
+  )
+  print(
+    f"held-out log p: conditional flow {log_prob:.3f}, best Gaussian {best_gaussian:.3f}, truth {truth:.3f}"
+  )
   assert log_prob > best_gaussian + 0.5 and log_prob > truth - 0.1

@@ -42,8 +42,12 @@ def flow(dtype=jnp.float32, seed=0):
 
 def conditional(dtype=jnp.float32, seed=0):
   conditioner = nn.Sequential([nn.Dense(5, param_dtype=dtype), nn.tanh])
-  model = fr.ConditionalFlowMLP(2, conditioner, fr.SmoothLeakyReLU(0.2), param_dtype=dtype, base="diagonal_gaussian")
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype), jnp.zeros((1, 2), dtype))["params"]
+  model = fr.ConditionalFlowMLP(
+    2, conditioner, fr.SmoothLeakyReLU(0.2), param_dtype=dtype, base="diagonal_gaussian"
+  )
+  params = jax.jit(model.init)(
+    jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype), jnp.zeros((1, 2), dtype)
+  )["params"]
   return model, perturb_params(params, seed + 1, 0.2)
 
 
@@ -51,7 +55,9 @@ def test_sample_shapes_and_log_prob_of_samples():
   """float32: log p returned by sample_and_log_prob equals log_prob of the samples."""
   model, params = flow()
   apply = jitted(model, params)
-  shape = lambda method, *args: jax.eval_shape(lambda: model.apply({"params": params}, *args, method=method)).shape
+  shape = lambda method, *args: (
+    jax.eval_shape(lambda: model.apply({"params": params}, *args, method=method)).shape
+  )
   rng = jax.random.PRNGKey(2)
   assert shape("sample", rng) == (D,)
   assert shape("sample", rng, 8) == (8, D)
@@ -97,7 +103,9 @@ def test_any_leading_batch_shape(float64):
   for method in ("log_prob", "forward_and_log_det", "inverse_and_log_det"):
     batched = jitted(model, params)(method, x)
     flat = jitted(model, params)(method, x.reshape(6, D))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a.reshape(b.shape), b, rtol=1e-14), batched, flat)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a.reshape(b.shape), b, rtol=1e-14), batched, flat
+    )
   assert model.apply({"params": params}, x[0, 0], method="log_prob").shape == ()
 
 
@@ -112,9 +120,12 @@ def test_input_errors():
     apply("log_prob", jnp.ones((0, 3)))
   with pytest.raises(ValueError, match="sample_shape must be an int or a tuple"):
     apply("sample", jax.random.PRNGKey(0), 2.5)
-  with pytest.raises(ValueError, match="flow layer 'layers_1': the loss runs a flow layer backwards"):
-    fr.value_and_relative_grad(model, lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean())(
-        params, jnp.ones((4, 3)))
+  with pytest.raises(
+    ValueError, match="flow layer 'layers_1': the loss runs a flow layer backwards"
+  ):
+    fr.value_and_relative_grad(
+      model, lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean()
+    )(params, jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="base must be one of"):
     fr.FlowMLP(base="laplace").init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
   model, params = conditional()
@@ -127,11 +138,15 @@ def directional_check(loss, params, seed, eps=1e-5):
   direction of the params."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  direction = treedef.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+  direction = treedef.unflatten(
+    [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
+  )
   shifted = lambda t: jax.tree.map(lambda p, d: p + t * d, params, direction)
   finite = (loss(shifted(eps)) - loss(shifted(-eps))) / (2 * eps)
   grad = jax.grad(loss)(params)
-  reverse = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+  reverse = sum(
+    jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction), strict=True)
+  )
   forward = jax.jvp(loss, (params,), (direction,))[1]
   return float(abs(reverse - finite) / abs(finite)), float(abs(forward - finite) / abs(finite))
 
@@ -149,3 +164,25 @@ def test_gradients_through_sampling_match_finite_differences(float64):
   errors = directional_check(jax.jit(loss), params, 8)
   print(f"gradients through sampling vs finite differences: max relative error {max(errors):.1e}")
   assert max(errors) < 1e-6
+
+
+def test_layer_terms_add_up_to_the_jacobian_log_det(float64):
+  """forward_and_layer_terms: each layer's kernel term is its slogdet, the last layer has no
+  activation term, and all terms add up to log|det ∂z/∂x| of the full jacfwd Jacobian."""
+  model = fr.FlowMLP(
+    3, fr.SmoothLeakyReLU(0.2), param_dtype=jnp.float64, spline_bins=4, spline_bound=2.0
+  )
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 3), jnp.float64)
+  params = perturb_params(model.init(jax.random.PRNGKey(1), x)["params"], 2)
+  apply = lambda method, x: model.apply({"params": params}, x, method=method)
+  z, terms = apply(fr.FlowMLP.forward_and_layer_terms, x)
+  assert len(terms) == 3 and all(isinstance(t, fr.LayerTerms) for t in terms)
+  for index, term in enumerate(terms):
+    kernel = params[f"layers_{index}"]["kernel"]
+    np.testing.assert_allclose(term.kernel_log_abs_det, jnp.linalg.slogdet(kernel)[1], rtol=1e-13)
+    assert term.preactivation.shape == x.shape and term.spline_log_det.shape == (5,)
+  assert not jnp.any(terms[-1].activation_log_det) and not jnp.any(terms[0].modulation_log_det)
+  jacobians = jax.vmap(jax.jacfwd(lambda v: apply("__call__", v[None])[0]))(x)
+  total = sum(term.total() for term in terms)
+  np.testing.assert_allclose(total, jnp.linalg.slogdet(jacobians)[1], rtol=1e-12)
+  np.testing.assert_allclose(z, apply("__call__", x), rtol=1e-14)

@@ -20,11 +20,22 @@ def test_fit_raises_held_out_likelihood_and_stops_early(capsys):
   train, validation, test = skewed_data(2000, 0), skewed_data(500, 1), skewed_data(1000, 2)
   params = model.init(jax.random.PRNGKey(0), train[:1])["params"]
   held_out = lambda p: float(model.apply({"params": p}, test, method="log_prob").mean())
-  result = fr.fit(model, params, train, validation, optimizer=optax.adam(3e-2), batch_size=100,
-                  max_epochs=200, patience=3, progress=False)
+  result = fr.fit(
+    model,
+    params,
+    train,
+    validation,
+    optimizer=optax.adam(3e-2),
+    batch_size=100,
+    max_epochs=200,
+    patience=3,
+    progress=False,
+  )
   epochs = len(result.history["validation_nll"])
   assert epochs < 200 and result.best_epoch == epochs - 3  # early stopping after `patience`
-  assert result.history["validation_nll"][result.best_epoch - 1] == min(result.history["validation_nll"])
+  assert result.history["validation_nll"][result.best_epoch - 1] == min(
+    result.history["validation_nll"]
+  )
   assert held_out(result.params) > held_out(params) + 0.5
   # train_nll is the exact NLL's scale: near the validation NLL, not the log-det-free loss.
   assert abs(result.history["train_nll"][-1] - result.history["validation_nll"][-1]) < 0.5
@@ -36,7 +47,9 @@ def test_fit_conditional_and_progress_output(capsys):
   c = jax.random.uniform(jax.random.PRNGKey(0), (600, 1))
   x = 3.0 * c + jax.random.normal(jax.random.PRNGKey(1), (600, 2))
   params = model.init(jax.random.PRNGKey(2), x[:1], c[:1])["params"]
-  result = fr.fit(model, params, (x[:500], c[:500]), (x[500:], c[500:]), max_epochs=2, batch_size=50)
+  result = fr.fit(
+    model, params, (x[:500], c[:500]), (x[500:], c[500:]), max_epochs=2, batch_size=50
+  )
   assert len(result.history["train_nll"]) == 2
   assert all(np.isfinite(result.history["validation_nll"]))
 
@@ -51,8 +64,15 @@ def test_fit_refuses_bad_arrays_and_reports_divergence():
   with pytest.raises(ValueError, match="N >= 1 rows"):
     fr.fit(model, params, jnp.ones((0, 3)), jnp.ones((10, 3)), progress=False)
   with pytest.raises(FloatingPointError, match="fit diverged in epoch 1"):
-    fr.fit(model, params, skewed_data(200, 0) * 1e3, skewed_data(50, 1), optimizer=optax.sgd(1e3),
-           batch_size=50, progress=False)
+    fr.fit(
+      model,
+      params,
+      skewed_data(200, 0) * 1e3,
+      skewed_data(50, 1),
+      optimizer=optax.sgd(1e3),
+      batch_size=50,
+      progress=False,
+    )
 
 
 def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
@@ -61,16 +81,26 @@ def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
   model = fr.FlowMLP(1)
   train, validation = np.asarray(skewed_data(300, 0)), np.asarray(skewed_data(100, 1))
   params = model.init(jax.random.PRNGKey(0), train[:1])["params"]
-  run = lambda t, v: fr.fit(model, params, t, v, max_epochs=2, batch_size=50, progress=False).history
+  run = lambda t, v: (
+    fr.fit(model, params, t, v, max_epochs=2, batch_size=50, progress=False).history
+  )
   assert run(train, validation) == run(jnp.asarray(train), jnp.asarray(validation))
   assert len(run(train.tolist(), validation.tolist())["train_nll"]) == 2  # nested lists
   broken = train.copy()
   broken[17, 2] = np.nan
-  with pytest.raises(ValueError, match=r"train holds non-finite values \(NaN or inf\), first in row 17"):
+  with pytest.raises(
+    ValueError, match=r"train holds non-finite values \(NaN or inf\), first in row 17"
+  ):
     run(broken, validation)
   context = np.ones((100, 1))
   context[3] = np.inf
   conditional = fr.ConditionalFlowMLP(1)
   conditional_params = conditional.init(jax.random.PRNGKey(0), train[:1], context[:1])["params"]
   with pytest.raises(ValueError, match=r"validation\[1\] holds non-finite values .* row 3"):
-    fr.fit(conditional, conditional_params, (train, np.ones((300, 1))), (validation, context), progress=False)
+    fr.fit(
+      conditional,
+      conditional_params,
+      (train, np.ones((300, 1))),
+      (validation, context),
+      progress=False,
+    )

@@ -89,7 +89,9 @@ def test_sample_shape_dtype_and_finite():
   assert bool(jnp.all(jnp.isfinite(samples)))
   # Samples are the inverse of standard normal draws: mapping them forward gives N(0, I) back.
   z = model.apply({"params": params}, samples)
-  np.testing.assert_allclose(z, jax.random.normal(jax.random.PRNGKey(1), (33, 12)), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    z, jax.random.normal(jax.random.PRNGKey(1), (33, 12)), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_jit_grad_vmap_compatible(float64):
@@ -142,6 +144,11 @@ def test_bfloat16_params_init_train_log_prob_and_sample():
   for _ in range(100):
     state = step(state)
   assert log_prob(state.params) > start + 10
-  samples = model.apply({"params": state.params}, jax.random.PRNGKey(2), 5, method=fr.FlowMLP.sample)
-  assert samples.shape == (5, 8) and samples.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(samples)))
-
+  samples = model.apply(
+    {"params": state.params}, jax.random.PRNGKey(2), 5, method=fr.FlowMLP.sample
+  )
+  assert (
+    samples.shape == (5, 8)
+    and samples.dtype == jnp.bfloat16
+    and bool(jnp.all(jnp.isfinite(samples)))
+  )

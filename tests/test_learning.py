@@ -26,12 +26,14 @@ def linear_gaussian_problem():
   draw = lambda key: jax.random.normal(key, (4096, WIDTH)) @ mixing + shift
   train, test = draw(keys[3]), draw(keys[4])
   sources = jnp.linalg.solve(mixing.T, (test - shift).T).T
-  true_log_likelihood = jnp.mean(fr.standard_normal_log_prob(sources)) - jnp.linalg.slogdet(mixing)[1]
+  true_log_likelihood = (
+    jnp.mean(fr.standard_normal_log_prob(sources)) - jnp.linalg.slogdet(mixing)[1]
+  )
   return train, test, float(true_log_likelihood)
 
 
 def steps_to_reach_truth(
-    method: str, optimizer: optax.GradientTransformation, max_steps: int = 3000, num_layers: int = 1
+  method: str, optimizer: optax.GradientTransformation, max_steps: int = 3000, num_layers: int = 1
 ) -> tuple[int, float]:
   """Steps until the held-out exact log-likelihood is within tolerance of the truth (or NaN)."""
   train, test, truth = linear_gaussian_problem()
@@ -48,7 +50,9 @@ def steps_to_reach_truth(
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  held_out = jax.jit(lambda p: jnp.mean(model.apply({"params": p}, test, method=fr.FlowMLP.log_prob)))
+  held_out = jax.jit(
+    lambda p: jnp.mean(model.apply({"params": p}, test, method=fr.FlowMLP.log_prob))
+  )
   gap = float("inf")
   for step_index in range(1, max_steps + 1):
     batch = jax.lax.dynamic_slice_in_dim(train, (step_index * BATCH) % train.shape[0], BATCH)
@@ -65,8 +69,10 @@ def test_relative_gradient_reaches_true_likelihood(optimizer_name):
   optimizer = optax.sgd(0.05) if optimizer_name == "sgd" else optax.adam(1e-2)
   relative_steps, relative_gap = steps_to_reach_truth("relative", optimizer)
   naive_steps, naive_gap = steps_to_reach_truth("naive", optimizer)
-  print(f"{optimizer_name}: relative {relative_steps} steps (gap {relative_gap:.4f} nats/dim), "
-        f"naive slogdet {naive_steps} steps (gap {naive_gap:.4f} nats/dim)")
+  print(
+    f"{optimizer_name}: relative {relative_steps} steps (gap {relative_gap:.4f} nats/dim), "
+    f"naive slogdet {naive_steps} steps (gap {naive_gap:.4f} nats/dim)"
+  )
   assert relative_gap < TOLERANCE_NATS_PER_DIM
   assert naive_gap < TOLERANCE_NATS_PER_DIM
   if optimizer_name == "sgd":

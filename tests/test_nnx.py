@@ -47,7 +47,9 @@ class Composite(nnx.Module):
     self.first = frn.FlowMLP(3, 2, activation=fr.SmoothLeakyReLU(0.3), param_dtype=F64, rngs=rngs)
     self.log_scale = nnx.Param(jnp.zeros(3, F64))
     self.shift = nnx.Param(jnp.zeros(3, F64))
-    self.second = frn.FlowMLP(3, 1, use_bias=False, base="diagonal_gaussian", param_dtype=F64, rngs=rngs)
+    self.second = frn.FlowMLP(
+      3, 1, use_bias=False, base="diagonal_gaussian", param_dtype=F64, rngs=rngs
+    )
     self.head = nnx.Linear(3, 1, param_dtype=F64, rngs=rngs)
 
   def log_prob(self, x):
@@ -76,15 +78,23 @@ def check_against_brute_force(model, loss_fn, *args):
   updates = flat(nnx.as_pure(grads))
   exact = flat(nnx.jit(nnx.grad(loss_fn))(model, *args))
   params = flat(nnx.as_pure(nnx.state(model, nnx.Param)))
-  layers = sorted({module_path for module_path, module in
-                   (("/".join(map(str, p)), m) for p, m in nnx.iter_modules(model))
-                   if isinstance(module, frn.FlowDense)})
+  layers = sorted(
+    {
+      module_path
+      for module_path, module in (("/".join(map(str, p)), m) for p, m in nnx.iter_modules(model))
+      if isinstance(module, frn.FlowDense)
+    }
+  )
   errors = []
   for layer in layers:
     bias = params.get(f"{layer}/bias")
     expected = brute_force_relative_gradient(
-        params[f"{layer}/kernel"], bias, exact[f"{layer}/kernel"], None if bias is None else exact[f"{layer}/bias"])
-    for name, value in zip(("kernel", "bias"), expected):
+      params[f"{layer}/kernel"],
+      bias,
+      exact[f"{layer}/kernel"],
+      None if bias is None else exact[f"{layer}/bias"],
+    )
+    for name, value in zip(("kernel", "bias"), expected, strict=True):
       if f"{layer}/{name}" in params:
         error = jnp.max(jnp.abs(updates[f"{layer}/{name}"] - value)) / jnp.max(jnp.abs(value))
         errors.append(float(error))
@@ -102,8 +112,14 @@ def test_update_equals_brute_force(float64):
   batches = normal(4, (9, 3)), normal(5, (4, 3))
   layers, others, error = check_against_brute_force(model, composite_loss, *batches)
   assert layers == ["first/layers/0", "first/layers/1", "second/layers/0"]
-  assert others == ["head/bias", "head/kernel", "log_scale", "second/base_distribution/loc",
-                    "second/base_distribution/log_scale", "shift"]
+  assert others == [
+    "head/bias",
+    "head/kernel",
+    "log_scale",
+    "second/base_distribution/loc",
+    "second/base_distribution/log_scale",
+    "shift",
+  ]
   print(f"NNX update vs brute force: max relative error {error:.1e}")
   assert error < 1e-10
 
@@ -112,8 +128,9 @@ def test_exact_loss_and_has_aux(float64):
   model = frn.FlowMLP(3, 2, param_dtype=F64, rngs=nnx.Rngs(0))
   perturb(model)
   x = normal(1, (6, 3))
-  (loss, aux), _ = frn.value_and_relative_grad(lambda m, x: (nll(m, x), x.shape[0]), has_aux=True,
-                                                  exact_loss=True)(model, x)
+  (loss, aux), _ = frn.value_and_relative_grad(
+    lambda m, x: (nll(m, x), x.shape[0]), has_aux=True, exact_loss=True
+  )(model, x)
   np.testing.assert_allclose(loss, nll(model, x), rtol=1e-13)
   assert aux == 6
   loss_without, _ = frn.value_and_relative_grad(nll)(model, x)
@@ -128,13 +145,18 @@ def test_splines_brute_force_inverse_and_linen_parity(float64):
   x = normal(2, (7, 3))
   layers, others, error = check_against_brute_force(model, nll, x)
   assert layers == ["layers/0", "layers/1"] and error < 1e-10
-  assert others == [f"splines/{k}/{name}" for k in (0, 1) for name in ("derivatives", "heights", "widths")]
+  assert others == [
+    f"splines/{k}/{name}" for k in (0, 1) for name in ("derivatives", "heights", "widths")
+  ]
   np.testing.assert_allclose(model.inverse(model(x)), x, atol=1e-10)
   pure = nnx.as_pure(nnx.state(model, nnx.Param))
-  linen_params = {f"{kind}_{k}": dict(pure[kind][k]) for kind in ("layers", "splines") for k in (0, 1)}
+  linen_params = {
+    f"{kind}_{k}": dict(pure[kind][k]) for kind in ("layers", "splines") for k in (0, 1)
+  }
   linen = fr.FlowMLP(2, param_dtype=F64, spline_bins=4, spline_bound=1.5)
-  np.testing.assert_allclose(linen.apply({"params": linen_params}, x, method="log_prob"), model.log_prob(x),
-                             rtol=1e-13)
+  np.testing.assert_allclose(
+    linen.apply({"params": linen_params}, x, method="log_prob"), model.log_prob(x), rtol=1e-13
+  )
 
 
 def linen_params_to_nnx(model, params):
@@ -151,13 +173,20 @@ def test_parity_with_linen_after_100_adam_steps(float64):
   """Same initial params, same batches: the same params after 100 steps."""
   activation = fr.SmoothLeakyReLU(0.1)
   linen = fr.FlowMLP(2, activation, param_dtype=F64, base="diagonal_gaussian")
-  data = normal(0, (400, 4)) @ jnp.array([[1.0, 0.5, 0, 0], [0, 0.3, 0.2, 0], [0.4, 0, 2.0, 0], [0, 0, 0.5, 0.7]])
+  data = normal(0, (400, 4)) @ jnp.array(
+    [[1.0, 0.5, 0, 0], [0, 0.3, 0.2, 0], [0.4, 0, 2.0, 0], [0, 0, 0.5, 0.7]]
+  )
   params = perturb_params(linen.init(jax.random.PRNGKey(1), data[:2])["params"], 2, 0.1)
-  model = frn.FlowMLP(4, 2, activation=activation, param_dtype=F64, base="diagonal_gaussian", rngs=nnx.Rngs(0))
+  model = frn.FlowMLP(
+    4, 2, activation=activation, param_dtype=F64, base="diagonal_gaussian", rngs=nnx.Rngs(0)
+  )
   linen_params_to_nnx(model, params)
   for method in ("log_prob", "forward_and_log_det", "inverse_and_log_det"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
-                 getattr(model, method)(data[:5]), linen.apply({"params": params}, data[:5], method=method))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+      getattr(model, method)(data[:5]),
+      linen.apply({"params": params}, data[:5], method=method),
+    )
   tx = lambda: optax.adam(1e-2)
   opt_state = tx().init(params)
   optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
@@ -175,13 +204,15 @@ def test_parity_with_linen_after_100_adam_steps(float64):
     return loss
 
   for step in range(100):
-    x = data[(step % 8) * 50:(step % 8 + 1) * 50]
+    x = data[(step % 8) * 50 : (step % 8 + 1) * 50]
     params, opt_state = linen_step(params, opt_state, x)
     nnx_step(model, optimizer, x)
   expected = flat(params)
   got = flat(nnx.as_pure(nnx.state(model, nnx.Param)))
-  error = max(float(jnp.max(jnp.abs(got[path.replace("layers_", "layers/")] - value)))
-              for path, value in expected.items())
+  error = max(
+    float(jnp.max(jnp.abs(got[path.replace("layers_", "layers/")] - value)))
+    for path, value in expected.items()
+  )
   print(f"NNX vs Linen after 100 Adam steps: max abs parameter difference {error:.1e}")
   assert error < 1e-9
   initial = linen.init(jax.random.PRNGKey(1), data[:2])["params"]["layers_0"]["kernel"]
@@ -235,7 +266,9 @@ def test_misuse_fails_loudly():
   with pytest.raises(ValueError, match="not an attribute of the model"):
     frn.value_and_relative_grad(lambda m, x: nll(m, outside(x)))(model, x)
   with pytest.raises(ValueError, match="runs a flow layer backwards"):
-    frn.value_and_relative_grad(lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean())(model, x)
+    frn.value_and_relative_grad(
+      lambda m, x: -m.sample_and_log_prob(jax.random.PRNGKey(0), 4)[1].mean()
+    )(model, x)
   with pytest.raises(ValueError, match="never uses its log"):
     frn.value_and_relative_grad(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
   with pytest.raises(ValueError, match=r"D = 3 \(3×3 kernels\) but got inputs of shape \(4, 5\)"):
@@ -273,13 +306,23 @@ def test_conditional_brute_force_and_linen_parity(float64):
   vs brute force; log_prob, the inverse and sample_and_log_prob equal to the Linen module's
   on the same params (the Linen module is checked against jacfwd in test_conditional.py)."""
   model = frn.ConditionalFlowMLP(
-      3, 5, 2, conditioner=Conditioner(nnx.Rngs(1)), activation=fr.SmoothLeakyReLU(0.2),
-      param_dtype=F64, base="diagonal_gaussian", rngs=nnx.Rngs(0),
+    3,
+    5,
+    2,
+    conditioner=Conditioner(nnx.Rngs(1)),
+    activation=fr.SmoothLeakyReLU(0.2),
+    param_dtype=F64,
+    base="diagonal_gaussian",
+    rngs=nnx.Rngs(0),
   )
   perturb(model, 4)
   x, c = normal(5, (7, 3)), normal(6, (7, 2))
-  layers, others, error = check_against_brute_force(model, lambda m, x, c: -m.log_prob(x, c).mean(), x, c)
-  assert layers == ["layers/0", "layers/1"] and len(others) == 6  # base (2), conditioner (2), head (2)
+  layers, others, error = check_against_brute_force(
+    model, lambda m, x, c: -m.log_prob(x, c).mean(), x, c
+  )
+  assert (
+    layers == ["layers/0", "layers/1"] and len(others) == 6
+  )  # base (2), conditioner (2), head (2)
   assert error < 1e-10
 
   class LinenConditioner(nn.Module):
@@ -288,18 +331,26 @@ def test_conditional_brute_force_and_linen_parity(float64):
       return jnp.tanh(nn.Dense(5, param_dtype=F64, name="linear")(c))
 
   linen = fr.ConditionalFlowMLP(
-      2, LinenConditioner(), fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"
+    2, LinenConditioner(), fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"
   )
   state = flat(nnx.as_pure(nnx.state(model, nnx.Param)))
   params = {
-      "layers_0": {"kernel": state["layers/0/kernel"], "bias": state["layers/0/bias"]},
-      "layers_1": {"kernel": state["layers/1/kernel"], "bias": state["layers/1/bias"]},
-      "conditioner": {"linear": {"kernel": state["conditioner/linear/kernel"], "bias": state["conditioner/linear/bias"]}},
-      "head": {"Dense_0": {"kernel": state["head/linear/kernel"], "bias": state["head/linear/bias"]}},
-      "base_distribution": {"loc": state["base_distribution/loc"], "log_scale": state["base_distribution/log_scale"]},
+    "layers_0": {"kernel": state["layers/0/kernel"], "bias": state["layers/0/bias"]},
+    "layers_1": {"kernel": state["layers/1/kernel"], "bias": state["layers/1/bias"]},
+    "conditioner": {
+      "linear": {
+        "kernel": state["conditioner/linear/kernel"],
+        "bias": state["conditioner/linear/bias"],
+      }
+    },
+    "head": {"Dense_0": {"kernel": state["head/linear/kernel"], "bias": state["head/linear/bias"]}},
+    "base_distribution": {
+      "loc": state["base_distribution/loc"],
+      "log_scale": state["base_distribution/log_scale"],
+    },
   }
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
-      linen.init(jax.random.PRNGKey(0), x, c, method="log_prob")["params"]
+    linen.init(jax.random.PRNGKey(0), x, c, method="log_prob")["params"]
   )
   apply = lambda method, *args: linen.apply({"params": params}, *args, method=method)
   np.testing.assert_allclose(model.log_prob(x, c), apply("log_prob", x, c), rtol=1e-13)
@@ -310,6 +361,8 @@ def test_conditional_brute_force_and_linen_parity(float64):
   assert draws.shape == (4, 7, 3)
   np.testing.assert_allclose(draws, linen_draws, atol=1e-12)
   np.testing.assert_allclose(log_p, linen_log_p, rtol=1e-12)
-  np.testing.assert_allclose(log_p, model.log_prob(draws, jnp.broadcast_to(c, (4, 7, 2))), rtol=1e-10)
+  np.testing.assert_allclose(
+    log_p, model.log_prob(draws, jnp.broadcast_to(c, (4, 7, 2))), rtol=1e-10
+  )
   with pytest.raises(TypeError, match="takes one context array"):
     model.log_prob(x)

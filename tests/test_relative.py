@@ -26,7 +26,9 @@ def max_relative_error(actual, expected):
 @pytest.mark.parametrize("width", [3, 8])
 @pytest.mark.parametrize("batch", [1, 5, 17])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_matches_brute_force_augmented_relative_gradient(float64, num_layers, width, batch, use_bias):
+def test_matches_brute_force_augmented_relative_gradient(
+  float64, num_layers, width, batch, use_bias
+):
   model = fr.FlowMLP(num_layers, fr.SmoothLeakyReLU(0.1), use_bias, param_dtype=jnp.float64)
   params = random_flow_params(model, width, seed=10 * num_layers + width)  # init batch is 2
   x = 1.5 * jax.random.normal(jax.random.PRNGKey(batch), (batch, width))
@@ -34,8 +36,10 @@ def test_matches_brute_force_augmented_relative_gradient(float64, num_layers, wi
   _, exact_grads = fr.value_and_exact_grad(model, params, x)  # autodiff incl. slogdet
   for layer, layer_params in params.items():
     expected_kernel, expected_bias = brute_force_relative_gradient(
-        layer_params["kernel"], layer_params.get("bias"),
-        exact_grads[layer]["kernel"], exact_grads[layer].get("bias"),
+      layer_params["kernel"],
+      layer_params.get("bias"),
+      exact_grads[layer]["kernel"],
+      exact_grads[layer].get("bias"),
     )
     assert max_relative_error(updates[layer]["kernel"], expected_kernel) < 1e-10
     if use_bias:
@@ -46,7 +50,11 @@ def test_matches_brute_force_augmented_relative_gradient(float64, num_layers, wi
 
 def dot_operand_shapes(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
-  return [tuple(v.aval.shape for v in eqn.invars) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+  return [
+    tuple(v.aval.shape for v in eqn.invars)
+    for eqn in jaxpr.eqns
+    if eqn.primitive.name == "dot_general"
+  ]
 
 
 @pytest.mark.parametrize("batch, expect_cubic", [(4, False), (64, True)])
@@ -83,7 +91,8 @@ def test_flow_as_submodule_and_other_leaves_are_ordinary_gradients():
 def test_chains_with_adam_under_jit_and_reduces_exact_nll():
   model = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.3))
   x = jax.random.normal(jax.random.PRNGKey(0), (32, 4)) @ jnp.array(
-      [[2.0, 0, 0, 0], [1, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 3, 1]])
+    [[2.0, 0, 0, 0], [1, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 3, 1]]
+  )
   params = model.init(jax.random.PRNGKey(1), x[:1])["params"]  # init batch ≠ training batch
   tx = optax.adam(1e-2)
   opt_state = tx.init(params)
@@ -110,11 +119,17 @@ def test_gradient_transformations_commute_with_the_relative_gradient(float64):
   second = 2.0 * jax.random.normal(jax.random.PRNGKey(2), (5, 3))
   grad_fn = fr.value_and_relative_grad(model, fr.nll)
   both = grad_fn(params, jnp.concatenate([first, second]))[1]
-  mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, grad_fn(params, first)[1], grad_fn(params, second)[1])
+  mean = jax.tree_util.tree_map(
+    lambda a, b: (a + b) / 2, grad_fn(params, first)[1], grad_fn(params, second)[1]
+  )
   scaled = fr.value_and_relative_grad(model, lambda m, x: 1024.0 * fr.nll(m, x))(params, first)[1]
-  for a, b in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(both)):
+  for a, b in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(both), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-12)
-  for a, b in zip(jax.tree_util.tree_leaves(scaled), jax.tree_util.tree_leaves(grad_fn(params, first)[1])):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(scaled),
+    jax.tree_util.tree_leaves(grad_fn(params, first)[1]),
+    strict=True,
+  ):
     np.testing.assert_allclose(a, 1024.0 * b, rtol=1e-12)
 
 
@@ -141,7 +156,9 @@ def test_layer_that_breaks_the_sowing_contract_is_refused():
 
   model, x, c = Model(), jnp.ones((4, 3)), jnp.ones((4, 2))
   params = model.init(jax.random.PRNGKey(0), x, c)["params"]
-  with pytest.raises(ValueError, match=r"flow layer 'custom' has params \['Dense_0'\] beside kernel and bias"):
+  with pytest.raises(
+    ValueError, match=r"flow layer 'custom' has params \['Dense_0'\] beside kernel and bias"
+  ):
     fr.value_and_relative_grad(model, Model.__call__)(params, x, c)
 
 
@@ -150,7 +167,9 @@ class WideLayer(fr.FlowDense):
 
   @nn.compact
   def __call__(self, z):
-    return self._track_preactivation(z @ self.param("kernel", nn.initializers.ones, (z.shape[-1], 4)))
+    return self._track_preactivation(
+      z @ self.param("kernel", nn.initializers.ones, (z.shape[-1], 4))
+    )
 
 
 def test_non_square_kernel_is_refused_naming_the_layer():
@@ -166,7 +185,9 @@ def test_loss_without_the_log_det_is_refused_unless_allowed():
   x = jnp.ones((4, 3))
   params = model.init(jax.random.PRNGKey(0), x)["params"]
   partial = lambda m, x: -jnp.mean(fr.standard_normal_log_prob(m(x)))
-  with pytest.raises(ValueError, match="applies flow layer 'layers_0' but never uses its log\\|det W\\|"):
+  with pytest.raises(
+    ValueError, match="applies flow layer 'layers_0' but never uses its log\\|det W\\|"
+  ):
     fr.value_and_relative_grad(model, partial)(params, x)
   fr.value_and_relative_grad(model, partial, require_log_det=False)(params, x)  # λ = 0
 
@@ -185,11 +206,19 @@ def test_loss_without_flow_layers_and_non_scalar_loss_raise():
 
 
 def test_vmap_without_collection_axes_is_refused_naming_the_cause():
-  ensemble = nn.vmap(fr.FlowMLP, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=None, axis_size=2, methods=["log_prob"])(2)
+  ensemble = nn.vmap(
+    fr.FlowMLP,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=None,
+    axis_size=2,
+    methods=["log_prob"],
+  )(2)
   x = jnp.ones((4, 3))
   params = ensemble.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
-  with pytest.raises(ValueError, match="inside nn.vmap or nn.scan, list 'intermediates' and 'perturbations'"):
+  with pytest.raises(
+    ValueError, match="inside nn.vmap or nn.scan, list 'intermediates' and 'perturbations'"
+  ):
     fr.value_and_relative_grad(ensemble, fr.nll)(params, x)
 
 
@@ -203,7 +232,9 @@ def test_bad_batches_raise():
   layer = fr.FlowDense()  # a bare layer has no input check: the relative pass refuses
   layer_params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
   with pytest.raises(ValueError, match=r"flow layer '<root>' was applied to an empty batch"):
-    fr.value_and_relative_grad(layer, lambda m, x: -m.forward_and_log_det(x)[1].sum())(layer_params, jnp.ones((0, 4)))
+    fr.value_and_relative_grad(layer, lambda m, x: -m.forward_and_log_det(x)[1].sum())(
+      layer_params, jnp.ones((0, 4))
+    )
   conditional = fr.ConditionalFlowMLP(2)
   params = conditional.init(jax.random.PRNGKey(0), jnp.ones((3, 4)), jnp.ones((3, 2)))["params"]
   with pytest.raises(ValueError, match=r"context of shape \(5, 'C'\).*got \(3, 2\)"):
@@ -215,6 +246,10 @@ def test_loss_through_the_inverse_is_refused():
   model = fr.FlowMLP(1)
   eps = jnp.ones((4, 3))
   params = model.init(jax.random.PRNGKey(0), eps)["params"]
-  reverse_kl = lambda m, e: jnp.mean(m.log_prob(m.inverse(e)) + 0.5 * jnp.sum(m.inverse(e) ** 2, -1))
-  with pytest.raises(ValueError, match="flow layer 'layers_0': the loss runs a flow layer backwards"):
+  reverse_kl = lambda m, e: jnp.mean(
+    m.log_prob(m.inverse(e)) + 0.5 * jnp.sum(m.inverse(e) ** 2, -1)
+  )
+  with pytest.raises(
+    ValueError, match="flow layer 'layers_0': the loss runs a flow layer backwards"
+  ):
     fr.value_and_relative_grad(model, reverse_kl)(params, eps)

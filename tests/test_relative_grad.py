@@ -33,7 +33,9 @@ class FlowWithLearnedBase(nn.Module):
 
   @nn.compact
   def log_prob(self, x):
-    z, log_det = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=F64, name="flow").forward_and_log_det(x)
+    z, log_det = fr.FlowMLP(
+      2, fr.SmoothLeakyReLU(0.2), param_dtype=F64, name="flow"
+    ).forward_and_log_det(x)
     loc = self.param("loc", nn.initializers.zeros, x.shape[-1:], F64)
     log_scale = self.param("log_scale", nn.initializers.zeros, x.shape[-1:], F64)
     return gaussian_log_prob(z, loc, log_scale) + log_det
@@ -72,12 +74,12 @@ class Glow1x1(nn.Module):
 
 
 Ensemble = nn.vmap(
-    fr.FlowMLP,
-    variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
-    split_rngs={"params": True},
-    in_axes=None,
-    axis_size=3,
-    methods=["log_prob"],
+  fr.FlowMLP,
+  variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
+  split_rngs={"params": True},
+  in_axes=None,
+  axis_size=3,
+  methods=["log_prob"],
 )
 
 
@@ -94,14 +96,22 @@ class SharedFlowOverTime(nn.Module):
 
   @nn.compact
   def log_prob(self, x):
-    scan = nn.scan(ScanStep, variable_broadcast="params", split_rngs={"params": False},
-                   variable_axes={"intermediates": 0, "perturbations": 0}, in_axes=1, out_axes=1)
+    scan = nn.scan(
+      ScanStep,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      variable_axes={"intermediates": 0, "perturbations": 0},
+      in_axes=1,
+      out_axes=1,
+    )
     return scan()(jnp.zeros(()), x)[1].sum(-1)
 
 
 def conditional(use_bias):
   conditioner = nn.Sequential([nn.Dense(6, param_dtype=F64), nn.tanh])
-  return fr.ConditionalFlowMLP(2, conditioner, fr.SmoothLeakyReLU(0.2), use_bias=use_bias, param_dtype=F64)
+  return fr.ConditionalFlowMLP(
+    2, conditioner, fr.SmoothLeakyReLU(0.2), use_bias=use_bias, param_dtype=F64
+  )
 
 
 def mean_nll(module, *args):
@@ -115,8 +125,13 @@ def relative_updates(model, loss_fn, params, *args, **options):
 def flow_layer_paths(model, loss_fn, params, *args):
   """Paths of the flow layers the loss applies (from what they sow in a plain apply)."""
   sown = model.apply({"params": params}, *args, method=loss_fn, mutable=["intermediates"])[1]
-  return sorted({path[:-1] for path in flax.traverse_util.flatten_dict(sown["intermediates"])
-                 if path[-1] == fr.PREACTIVATION})
+  return sorted(
+    {
+      path[:-1]
+      for path in flax.traverse_util.flatten_dict(sown["intermediates"])
+      if path[-1] == fr.PREACTIVATION
+    }
+  )
 
 
 def check_against_brute_force(model, params, *args, loss_fn=mean_nll):
@@ -133,11 +148,15 @@ def check_against_brute_force(model, params, *args, loss_fn=mean_nll):
     bias = flat_params.get(layer + ("bias",))
     for index in np.ndindex(kernel.shape[:-2]):  # each kernel of an nn.vmap stack
       expected_kernel, expected_bias = brute_force_relative_gradient(
-          kernel[index], None if bias is None else bias[index],
-          flat_exact[layer + ("kernel",)][index], None if bias is None else flat_exact[layer + ("bias",)][index],
+        kernel[index],
+        None if bias is None else bias[index],
+        flat_exact[layer + ("kernel",)][index],
+        None if bias is None else flat_exact[layer + ("bias",)][index],
       )
       scale = jnp.max(jnp.abs(expected_kernel))
-      errors.append(float(jnp.max(jnp.abs(flat_updates[layer + ("kernel",)][index] - expected_kernel)) / scale))
+      errors.append(
+        float(jnp.max(jnp.abs(flat_updates[layer + ("kernel",)][index] - expected_kernel)) / scale)
+      )
       if bias is not None:
         error = jnp.abs(flat_updates[layer + ("bias",)][index] - expected_bias)
         errors.append(float(jnp.max(error) / jnp.max(jnp.abs(expected_bias))))
@@ -157,19 +176,43 @@ def normal(seed, shape):
 
 
 CASES = {
-    "flow_and_learned_base": lambda: (FlowWithLearnedBase(), (normal(1, (7, 4)),), 2, 2),
-    "flowmlp_diagonal_gaussian_base": lambda: (
-        fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"), (normal(8, (7, 4)),), 2, 2),
-    "flowmlp_splines": lambda: (  # 3 splines × (widths, heights, derivatives) + the base
-        fr.FlowMLP(3, fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian", spline_bins=4,
-                   spline_bound=1.5), (normal(9, (7, 4)),), 3, 11),
-    "two_flows": lambda: (TwoFlows(), (normal(2, (6, 3)),), 3, 2),
-    "conditional_with_bias": lambda: (conditional(True), (normal(3, (9, 3)), normal(4, (9, 2))), 2, 4),
-    "conditional_without_bias": lambda: (conditional(False), (normal(3, (9, 3)), normal(4, (9, 2))), 2, 4),
-    "sequence_btd": lambda: (SequenceFlow(), (normal(5, (4, 6, 3)),), 2, 0),
-    "image_1x1_conv": lambda: (Glow1x1(), (normal(6, (2, 5, 4, 3)),), 2, 0),
-    "vmap_ensemble": lambda: (Ensemble(2, param_dtype=F64), (normal(7, (8, 3)),), 2, 0),
-    "scan_broadcast_params": lambda: (SharedFlowOverTime(), (normal(10, (5, 4, 3)),), 2, 0),
+  "flow_and_learned_base": lambda: (FlowWithLearnedBase(), (normal(1, (7, 4)),), 2, 2),
+  "flowmlp_diagonal_gaussian_base": lambda: (
+    fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=F64, base="diagonal_gaussian"),
+    (normal(8, (7, 4)),),
+    2,
+    2,
+  ),
+  "flowmlp_splines": lambda: (  # 3 splines × (widths, heights, derivatives) + the base
+    fr.FlowMLP(
+      3,
+      fr.SmoothLeakyReLU(0.2),
+      param_dtype=F64,
+      base="diagonal_gaussian",
+      spline_bins=4,
+      spline_bound=1.5,
+    ),
+    (normal(9, (7, 4)),),
+    3,
+    11,
+  ),
+  "two_flows": lambda: (TwoFlows(), (normal(2, (6, 3)),), 3, 2),
+  "conditional_with_bias": lambda: (
+    conditional(True),
+    (normal(3, (9, 3)), normal(4, (9, 2))),
+    2,
+    4,
+  ),
+  "conditional_without_bias": lambda: (
+    conditional(False),
+    (normal(3, (9, 3)), normal(4, (9, 2))),
+    2,
+    4,
+  ),
+  "sequence_btd": lambda: (SequenceFlow(), (normal(5, (4, 6, 3)),), 2, 0),
+  "image_1x1_conv": lambda: (Glow1x1(), (normal(6, (2, 5, 4, 3)),), 2, 0),
+  "vmap_ensemble": lambda: (Ensemble(2, param_dtype=F64), (normal(7, (8, 3)),), 2, 0),
+  "scan_broadcast_params": lambda: (SharedFlowOverTime(), (normal(10, (5, 4, 3)),), 2, 0),
 }
 
 
@@ -191,14 +234,18 @@ def test_log_det_weight_comes_from_the_loss(float64):
   params = init(model, x)
   _, mean = relative_updates(model, mean_nll, params, x)
   _, summed = relative_updates(model, lambda m, x: -m.log_prob(x).sum(), params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(mean)):
+  for a, b in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(mean), strict=True):
     np.testing.assert_allclose(a, 6.0 * b, rtol=1e-12)
   # A sequence model counts each layer's log|det W| T = 5 times per example.
   sequences = normal(1, (2, 5, 4))
   params = init(SequenceFlow(), sequences)
   _, per_sequence = relative_updates(SequenceFlow(), mean_nll, params, sequences)
-  _, per_vector = relative_updates(SequenceFlow(), lambda m, x: -m.log_prob(x).mean() / 5, params, sequences)
-  for a, b in zip(jax.tree_util.tree_leaves(per_sequence), jax.tree_util.tree_leaves(per_vector)):
+  _, per_vector = relative_updates(
+    SequenceFlow(), lambda m, x: -m.log_prob(x).mean() / 5, params, sequences
+  )
+  for a, b in zip(
+    jax.tree_util.tree_leaves(per_sequence), jax.tree_util.tree_leaves(per_vector), strict=True
+  ):
     np.testing.assert_allclose(a, 5.0 * b, rtol=1e-12)
 
 
@@ -223,9 +270,15 @@ def test_nonlinear_loss_needs_exact_loss(float64):
   exact = jax.grad(lambda p: model.apply({"params": p}, x, method=mean_nll))(params)
   for layer in ("FlowMLP_0", "FlowMLP_1"):
     for name, layer_params in params[layer].items():
-      expected = brute_force_relative_gradient(layer_params["kernel"], layer_params["bias"],
-                                               exact[layer][name]["kernel"], exact[layer][name]["bias"])
-      np.testing.assert_allclose(updates[layer][name]["kernel"], expected[0], rtol=1e-10, atol=1e-12)
+      expected = brute_force_relative_gradient(
+        layer_params["kernel"],
+        layer_params["bias"],
+        exact[layer][name]["kernel"],
+        exact[layer][name]["bias"],
+      )
+      np.testing.assert_allclose(
+        updates[layer][name]["kernel"], expected[0], rtol=1e-10, atol=1e-12
+      )
       np.testing.assert_allclose(updates[layer][name]["bias"], expected[1], rtol=1e-10, atol=1e-12)
 
 
@@ -247,17 +300,31 @@ def test_has_aux_rngs_kwargs_and_layer_called_twice(float64):
   model = Shared()
   x, other = normal(0, (5, 3)), normal(1, (8, 3))
   rngs = {"noise": jax.random.PRNGKey(0)}
-  params = perturb_params(model.init({"params": jax.random.PRNGKey(0), **rngs}, x, other, weight=0.5,
-                                     method="log_prob")["params"], 1)
+  params = perturb_params(
+    model.init({"params": jax.random.PRNGKey(0), **rngs}, x, other, weight=0.5, method="log_prob")[
+      "params"
+    ],
+    1,
+  )
   (loss, aux), updates = fr.value_and_relative_grad(model, loss_fn, has_aux=True)(
-      params, x, other, 0.5, rngs=rngs)
+    params, x, other, 0.5, rngs=rngs
+  )
   assert float(loss) == -float(aux["log_prob"])
-  exact = jax.grad(lambda p: model.apply({"params": p}, x, other, 0.5, method=lambda m, *a: loss_fn(m, *a)[0],
-                                         rngs=rngs))(params)
+  exact = jax.grad(
+    lambda p: model.apply(
+      {"params": p}, x, other, 0.5, method=lambda m, *a: loss_fn(m, *a)[0], rngs=rngs
+    )
+  )(params)
   for name, layer in params["FlowMLP_0"].items():
-    expected = brute_force_relative_gradient(layer["kernel"], layer["bias"],
-                                             exact["FlowMLP_0"][name]["kernel"], exact["FlowMLP_0"][name]["bias"])
-    np.testing.assert_allclose(updates["FlowMLP_0"][name]["kernel"], expected[0], rtol=1e-10, atol=1e-12)
+    expected = brute_force_relative_gradient(
+      layer["kernel"],
+      layer["bias"],
+      exact["FlowMLP_0"][name]["kernel"],
+      exact["FlowMLP_0"][name]["bias"],
+    )
+    np.testing.assert_allclose(
+      updates["FlowMLP_0"][name]["kernel"], expected[0], rtol=1e-10, atol=1e-12
+    )
 
 
 def test_jit_any_batch_size_and_init_batch_irrelevant():
@@ -288,7 +355,7 @@ def train(model, params, data, method, steps=1500):
     return optax.apply_updates(params, updates), opt_state
 
   for index in range(steps):
-    params, opt_state = step(params, opt_state, data[(index % 30) * 100:(index % 30 + 1) * 100])
+    params, opt_state = step(params, opt_state, data[(index % 30) * 100 : (index % 30 + 1) * 100])
   return params
 
 
@@ -303,7 +370,9 @@ def test_training_parity_with_autodiff_slogdet():
   nll = {}
   for method in ("relative", "slogdet"):
     trained = train(model, params, data, method)
-    nll[method] = -float(jnp.mean(model.apply({"params": trained}, held_out, method="log_prob"))) / 4
+    nll[method] = (
+      -float(jnp.mean(model.apply({"params": trained}, held_out, method="log_prob"))) / 4
+    )
   print(f"held-out NLL per dim: {nll}")
   assert abs(nll["relative"] - nll["slogdet"]) < 0.02
 
@@ -327,12 +396,22 @@ def test_unclear_transform_errors_become_clear():
     @nn.compact
     def log_prob(self, x):
       flow = fr.FlowMLP(1)
-      return jax.lax.scan(lambda c, x_t: (c, flow.log_prob(x_t)), 0.0, jnp.swapaxes(x, 0, 1))[1].sum(0)
+      return jax.lax.scan(lambda c, x_t: (c, flow.log_prob(x_t)), 0.0, jnp.swapaxes(x, 0, 1))[
+        1
+      ].sum(0)
 
-  axis_one = nn.vmap(fr.FlowMLP, variable_axes={"params": 1, "intermediates": 1, "perturbations": 1},
-                     split_rngs={"params": True}, in_axes=None, axis_size=2, methods=["log_prob"])
-  for model, x, message in ((RawScan(), jnp.ones((4, 3, 2)), "inside a raw jax.lax.scan"),
-                            (axis_one(1), jnp.ones((4, 2)), "'perturbations' on axis 0")):
+  axis_one = nn.vmap(
+    fr.FlowMLP,
+    variable_axes={"params": 1, "intermediates": 1, "perturbations": 1},
+    split_rngs={"params": True},
+    in_axes=None,
+    axis_size=2,
+    methods=["log_prob"],
+  )
+  for model, x, message in (
+    (RawScan(), jnp.ones((4, 3, 2)), "inside a raw jax.lax.scan"),
+    (axis_one(1), jnp.ones((4, 2)), "'perturbations' on axis 0"),
+  ):
     params = model.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
     with pytest.raises(ValueError, match=message):
       fr.value_and_relative_grad(model, mean_nll)(params, x)

@@ -23,8 +23,13 @@ MISMATCH = "received gradients that differ from those its relative_args were mad
 
 def flow_and_data(dtype=jnp.float32, use_bias=True, spline_bins=0, seed=0):
   model = fr.FlowMLP(
-      2, fr.SmoothLeakyReLU(0.2), use_bias=use_bias, param_dtype=dtype, base="diagonal_gaussian",
-      spline_bins=spline_bins, spline_bound=3.0,
+    2,
+    fr.SmoothLeakyReLU(0.2),
+    use_bias=use_bias,
+    param_dtype=dtype,
+    base="diagonal_gaussian",
+    spline_bins=spline_bins,
+    spline_bound=3.0,
   )
   params = random_flow_params(model, 4, seed)
   x = jax.random.normal(jax.random.PRNGKey(seed + 10), (32, 4), dtype)
@@ -62,7 +67,9 @@ def direct_steps(model, params, batches, tx):
 
 
 def max_difference(a, b):
-  return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: jnp.abs(u - v).max(), a, b)))
+  return max(
+    jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: jnp.abs(u - v).max(), a, b))
+  )
 
 
 def test_chain_equals_value_and_relative_grad(float64):
@@ -82,7 +89,9 @@ def test_one_rewrite_no_bias_layer_and_nnx_style_state(float64):
   """Without biases (the kernel fingerprint path) the update is the same as well."""
   model, params, x = flow_and_data(jnp.float64, use_bias=False)
   _, grads, relative_args = fr.value_grad_and_relative_args(model, fr.nll)(params, x)
-  updates, _ = fr.relative_jacobian().update(grads, optax.EmptyState(), params, relative_args=relative_args)
+  updates, _ = fr.relative_jacobian().update(
+    grads, optax.EmptyState(), params, relative_args=relative_args
+  )
   _, direct = fr.value_and_relative_grad(model, fr.nll)(params, x)
   assert max_difference(updates, direct) < 1e-13
 
@@ -93,19 +102,28 @@ def test_no_false_alarm_in_float32_training():
   for use_bias in (True, False):
     model, params, _ = flow_and_data(use_bias=use_bias)
     batches = 2.0 * jax.random.normal(jax.random.PRNGKey(4), (50, 32, 4))
-    trained = chain_steps(model, params, batches, optax.chain(fr.relative_jacobian(), optax.adam(3e-2)))
+    trained = chain_steps(
+      model, params, batches, optax.chain(fr.relative_jacobian(), optax.adam(3e-2))
+    )
     assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(trained))
 
 
 @pytest.mark.parametrize(
-    "before",
-    [optax.scale(0.5), optax.clip_by_global_norm(1e-4), optax.adam(1e-3), optax.add_decayed_weights(0.1)],
-    ids=["scaled", "clipped", "not_first_adam", "not_first_weight_decay"],
+  "before",
+  [
+    optax.scale(0.5),
+    optax.clip_by_global_norm(1e-4),
+    optax.adam(1e-3),
+    optax.add_decayed_weights(0.1),
+  ],
+  ids=["scaled", "clipped", "not_first_adam", "not_first_weight_decay"],
 )
 def test_changed_gradients_before_it_raise(before):
   model, params, x = flow_and_data()
   with pytest.raises(Exception, match=MISMATCH):
-    jax.block_until_ready(chain_steps(model, params, x[None], optax.chain(before, fr.relative_jacobian())))
+    jax.block_until_ready(
+      chain_steps(model, params, x[None], optax.chain(before, fr.relative_jacobian()))
+    )
 
 
 def test_accumulated_by_multisteps_raises():
@@ -128,7 +146,9 @@ def test_averaged_or_other_batch_args_raise():
   averaged = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, grads, other_grads)
   for received, args in ((averaged, relative_args), (grads, other_args)):
     with pytest.raises(Exception, match=MISMATCH):
-      jax.block_until_ready(jax.jit(tx.update)(received, tx.init(params), params, relative_args=args))
+      jax.block_until_ready(
+        jax.jit(tx.update)(received, tx.init(params), params, relative_args=args)
+      )
 
 
 def test_missing_foreign_or_other_model_args_raise():
@@ -154,7 +174,7 @@ def test_missing_foreign_or_other_model_args_raise():
 def test_train_state_apply_gradients_names_the_fix():
   model, params, x = flow_and_data()
   state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params, tx=optax.chain(fr.relative_jacobian(), optax.adam(1e-3))
+    apply_fn=model.apply, params=params, tx=optax.chain(fr.relative_jacobian(), optax.adam(1e-3))
   )
   _, grads, _ = fr.value_grad_and_relative_args(model, fr.nll)(params, x)
   with pytest.raises(ValueError, match="TrainState.apply_gradients cannot pass them"):
@@ -193,7 +213,9 @@ class BatchNormThenFlow(nn.Module):
 
   @nn.compact
   def log_prob(self, x, train: bool = True):
-    h = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False, param_dtype=x.dtype)(x)
+    h = nn.BatchNorm(
+      use_running_average=not train, use_bias=False, use_scale=False, param_dtype=x.dtype
+    )(x)
     return fr.FlowMLP(2, fr.SmoothLeakyReLU(0.3), param_dtype=x.dtype).log_prob(h)
 
 
@@ -209,19 +231,23 @@ def test_batch_norm_statistics_and_gradients_as_value_and_grad_with_mutable(floa
   grad_fn = fr.value_and_relative_grad(model, loss_fn, mutable=["batch_stats"], exact_loss=True)
   (loss, new_state), grads = grad_fn(params, x, model_state=model_state)
   expected_loss, expected_state = model.apply(
-      {"params": params, **model_state}, x, method=loss_fn, mutable=["batch_stats"]
+    {"params": params, **model_state}, x, method=loss_fn, mutable=["batch_stats"]
   )
   assert abs(loss - expected_loss) < 1e-12
   assert max_difference(new_state, expected_state) == 0.0
-  assert max_difference(new_state, model_state) > 0.02  # the running mean moved towards 3 (momentum 0.99)
+  assert (
+    max_difference(new_state, model_state) > 0.02
+  )  # the running mean moved towards 3 (momentum 0.99)
   exact = jax.grad(
-      lambda p: model.apply({"params": p, **model_state}, x, method=loss_fn, mutable=["batch_stats"])[0]
+    lambda p: model.apply({"params": p, **model_state}, x, method=loss_fn, mutable=["batch_stats"])[
+      0
+    ]
   )(params)
   flow, exact_flow = grads["FlowMLP_0"], exact["FlowMLP_0"]
   for name in ("layers_0", "layers_1"):
     layer = params["FlowMLP_0"][name]
     kernel, bias = brute_force_relative_gradient(
-        layer["kernel"], layer["bias"], exact_flow[name]["kernel"], exact_flow[name]["bias"]
+      layer["kernel"], layer["bias"], exact_flow[name]["kernel"], exact_flow[name]["bias"]
     )
     assert jnp.abs(flow[name]["kernel"] - kernel).max() < 1e-12 * jnp.abs(kernel).max()
     assert jnp.abs(flow[name]["bias"] - bias).max() < 1e-12 * jnp.abs(bias).max()

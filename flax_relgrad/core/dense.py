@@ -78,10 +78,10 @@ class DenseMethods:
 
 
 INVERSE_IN_RELATIVE_PASS = (
-    "the loss runs a flow layer backwards (inverse or sample). The relative gradient covers a "
-    "loss that depends on a layer through its output and its log|det W| only; for "
-    "sampling-based losses (reverse KL, variational inference) take the ordinary gradient "
-    "(jax.value_and_grad, nnx.value_and_grad)."
+  "the loss runs a flow layer backwards (inverse or sample). The relative gradient covers a "
+  "loss that depends on a layer through its output and its log|det W| only; for "
+  "sampling-based losses (reverse KL, variational inference) take the ordinary gradient "
+  "(jax.value_and_grad, nnx.value_and_grad)."
 )
 """The end of the error a binding raises when a relative-gradient loss calls `inverse`."""
 
@@ -103,13 +103,17 @@ def factorisation_dtype(dtype: Dtype) -> Dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def init_kernel(kernel_init: Initializer, key: jax.Array, width: int, param_dtype: Dtype) -> jax.Array:
+def init_kernel(
+  kernel_init: Initializer, key: jax.Array, width: int, param_dtype: Dtype
+) -> jax.Array:
   """A (D, D) kernel drawn by `kernel_init` in at least float32, then cast to `param_dtype`
   (orthogonal initializers factorise)."""
   return kernel_init(key, (width, width), factorisation_dtype(param_dtype)).astype(param_dtype)
 
 
-def dense_forward_and_log_det(layer: DenseLayer, z: jax.Array, event_ndims: int) -> tuple[jax.Array, jax.Array]:
+def dense_forward_and_log_det(
+  layer: DenseLayer, z: jax.Array, event_ndims: int
+) -> tuple[jax.Array, jax.Array]:
   """`layer(z)` and n·`layer.log_abs_det()` per example, shape z.shape[:-event_ndims], where
   n = the number of D-vectors per example (1 for vectors, T for a (T, D) sequence, H·W for an
   (H, W, C) image, where the layer is an invertible 1×1 convolution)."""

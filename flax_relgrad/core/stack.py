@@ -73,7 +73,12 @@ class LayerTerms(NamedTuple):
 
   def total(self) -> jax.Array:
     """The layer's whole log-det term per example, shape (...)."""
-    return self.spline_log_det + self.kernel_log_abs_det + self.modulation_log_det + self.activation_log_det
+    return (
+      self.spline_log_det
+      + self.kernel_log_abs_det
+      + self.modulation_log_det
+      + self.activation_log_det
+    )
 
 
 class Stack(NamedTuple):
@@ -91,10 +96,10 @@ class Stack(NamedTuple):
 
 
 def stack_forward(
-    stack: Stack,
-    x: jax.Array,
-    modulations: Sequence[Modulation] | None = None,
-    kernel_log_dets: bool = True,
+  stack: Stack,
+  x: jax.Array,
+  modulations: Sequence[Modulation] | None = None,
+  kernel_log_dets: bool = True,
 ) -> tuple[jax.Array, tuple[LayerTerms, ...]]:
   """z_L (..., D) and every layer's `LayerTerms` for inputs x (..., D).
 
@@ -119,15 +124,17 @@ def stack_forward(
       activation_log_det = stack.activation.log_derivative(y).sum(-1)
       z = stack.activation(y)
     kernel_log_det = layer.log_abs_det() if kernel_log_dets else jnp.zeros((), x.dtype)
-    terms.append(LayerTerms(spline_log_det, kernel_log_det, modulation_log_det, activation_log_det, y))
+    terms.append(
+      LayerTerms(spline_log_det, kernel_log_det, modulation_log_det, activation_log_det, y)
+    )
   return z, tuple(terms)
 
 
 def stack_inverse(
-    stack: Stack,
-    z: jax.Array,
-    modulations: Sequence[Modulation] | None = None,
-    log_det: bool = True,
+  stack: Stack,
+  z: jax.Array,
+  modulations: Sequence[Modulation] | None = None,
+  log_det: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
   """x = g⁻¹(z) (..., D) of a dense stack (linear solves, Newton-inverted activations,
   closed-form spline inverses) and log|det ∂z/∂x| at x, shape (...): the sum of every
@@ -169,7 +176,9 @@ def gaussian_log_prob(z: jax.Array, base: GaussianParams) -> jax.Array:
   return standard_normal_log_prob((z - loc) * jnp.exp(-log_scale)) - log_scale.sum(-1)
 
 
-def gaussian_sample(rng: jax.Array, shape: tuple[int, ...], dtype: Dtype, base: GaussianParams) -> jax.Array:
+def gaussian_sample(
+  rng: jax.Array, shape: tuple[int, ...], dtype: Dtype, base: GaussianParams
+) -> jax.Array:
   """Draws of shape `shape` (..., D): ε ~ N(0, I), then loc + exp(log_scale)·ε."""
   noise = jax.random.normal(rng, shape, dtype)
   if base is None:
@@ -193,7 +202,9 @@ def check_vectors(x: jax.Array, name: str = "inputs", width: int | None = None) 
   if x.ndim < 1 or x.shape[-1] < 1:
     raise ValueError(f"The flow expects {name} of shape (..., D) with D >= 1, got {x.shape}.")
   if width is not None and x.shape[-1] != width:
-    raise ValueError(f"The flow has D = {width} ({width}×{width} kernels) but got {name} of shape {x.shape}.")
+    raise ValueError(
+      f"The flow has D = {width} ({width}×{width} kernels) but got {name} of shape {x.shape}."
+    )
   if x.size == 0:
     raise ValueError(f"The flow got empty {name} of shape {x.shape}.")
 
