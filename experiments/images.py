@@ -30,7 +30,7 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as error:
     raise data.DatasetNotFoundError(
-        f"tfds has no dataset named {config.dataset!r} (config.dataset); check the spelling."
+      f"tfds has no dataset named {config.dataset!r} (config.dataset); check the spelling."
     ) from error
   if builder.is_prepared():
     return builder
@@ -38,11 +38,11 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     _prepare(builder, config.manual_dir or None)
   else:
     raise data.DatasetNotFoundError(
-        f"Dataset {config.dataset!r} is not prepared in data_dir {builder.data_dir!r}. "
-        "Either set --config.manual_dir to a folder holding the dataset's original files "
-        "(for MNIST the four IDX .gz files, e.g. ../shared/datasets/mnist), or "
-        "--config.download=True to let tfds download it, or --config.data_dir to where it "
-        "is already prepared."
+      f"Dataset {config.dataset!r} is not prepared in data_dir {builder.data_dir!r}. "
+      "Either set --config.manual_dir to a folder holding the dataset's original files "
+      "(for MNIST the four IDX .gz files, e.g. ../shared/datasets/mnist), or "
+      "--config.download=True to let tfds download it, or --config.data_dir to where it "
+      "is already prepared."
     )
   return builder
 
@@ -60,8 +60,9 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
   extracted.mkdir(parents=True, exist_ok=True)
   prefix = f"{builder.name}-{builder.version}-"
   with tempfile.TemporaryDirectory(prefix=prefix, dir=extracted) as extract_dir:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, extract_dir=extract_dir))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir)
+    )
 
 
 def load_splits(config: ml_collections.ConfigDict) -> data.Splits:
@@ -71,19 +72,20 @@ def load_splits(config: ml_collections.ConfigDict) -> data.Splits:
   image_shape = tuple(image_feature.shape)
   if image_shape != tuple(config.image_shape) or image_feature.dtype != tf.uint8:
     raise ValueError(
-        f"Dataset {config.dataset!r} has {image_feature.dtype.name} images of shape "
-        f"{image_shape}, but config.image_shape is {tuple(config.image_shape)} uint8; this "
-        "program models uint8 images of the configured shape."
+      f"Dataset {config.dataset!r} has {image_feature.dtype.name} images of shape "
+      f"{image_shape}, but config.image_shape is {tuple(config.image_shape)} uint8; this "
+      "program models uint8 images of the configured shape."
     )
-  flat_images = lambda split: builder.as_dataset(split=split).map(
-      lambda example: tf.reshape(example["image"], [-1])).cache()
+  flat_images = lambda split: (
+    builder.as_dataset(split=split).map(lambda example: tf.reshape(example["image"], [-1])).cache()
+  )
   train = flat_images(config.train_split)
   return data.Splits(
-      train=train,
-      validation=flat_images(config.validation_split),
-      test=flat_images(config.test_split),
-      num_train=data.count(train),
-      num_features=math.prod(image_shape),
+    train=train,
+    validation=flat_images(config.validation_split),
+    test=flat_images(config.test_split),
+    num_train=data.count(train),
+    num_features=math.prod(image_shape),
   )
 
 
@@ -95,7 +97,9 @@ def dequantize_and_logit(images: jax.Array, key: jax.Array, lam: float) -> jax.A
   return jnp.log(s) - jnp.log1p(-s)
 
 
-def random_horizontal_flip(images: jax.Array, key: jax.Array, image_shape: tuple[int, int, int]) -> jax.Array:
+def random_horizontal_flip(
+  images: jax.Array, key: jax.Array, image_shape: tuple[int, int, int]
+) -> jax.Array:
   """Flat images (B, H·W·C) → the same with each image mirrored left–right with probability 1/2."""
   batch = images.reshape(images.shape[0], *image_shape)
   flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
@@ -115,8 +119,10 @@ def bits_per_dim(log_prob_logit: jax.Array, y: jax.Array, lam: float) -> jax.Arr
   num_features = y.shape[-1]
   log_jacobian = jax.nn.log_sigmoid(y) + jax.nn.log_sigmoid(-y)
   log_prob_pixels = (
-      log_prob_logit + num_features * math.log1p(-2.0 * lam) - log_jacobian.sum(-1)
-      - num_features * math.log(256.0)
+    log_prob_logit
+    + num_features * math.log1p(-2.0 * lam)
+    - log_jacobian.sum(-1)
+    - num_features * math.log(256.0)
   )
   return -log_prob_pixels / (num_features * math.log(2.0))
 

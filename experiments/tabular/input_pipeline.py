@@ -61,7 +61,10 @@ def _power(root: str) -> Arrays:
 
 def _gas(root: str) -> Arrays:
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  frame = pd.read_pickle(_path(root, "gas/ethylene_CO.pickle")).drop(columns=["Meth", "Eth", "Time"])
+
+  frame = pd.read_pickle(_path(root, "gas/ethylene_CO.pickle")).drop(
+    columns=["Meth", "Eth", "Time"]
+  )
   while True:
     correlated = ((frame.corr() > 0.98).to_numpy().sum(axis=1) > 1).nonzero()[0]
     if not correlated.size:
@@ -73,38 +76,55 @@ def _gas(root: str) -> Arrays:
 
 def _hepmass(root: str) -> Arrays:
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  signal = lambda frame: frame[frame[frame.columns[0]] == 1].drop(columns=frame.columns[0]).to_numpy(np.float64)
+
+  signal = lambda frame: (
+    frame[frame[frame.columns[0]] == 1].drop(columns=frame.columns[0]).to_numpy(np.float64)
+  )
   train = signal(pd.read_csv(_path(root, "hepmass/1000_train.csv"), index_col=False))
   test = signal(pd.read_csv(_path(root, "hepmass/1000_test.csv"), index_col=False))[:, :-1]
   # The release's test file lacks a column the train file has (its last, the discrete mass,
   # which the repeated-value rule below removes from train): columns match by position.
   width = test.shape[1]
   mean, std = train.mean(axis=0), train.std(axis=0, ddof=1)
-  with np.errstate(invalid="ignore", divide="ignore"):  # The constant mass column: 0/0, removed below.
+  with np.errstate(
+    invalid="ignore", divide="ignore"
+  ):  # The constant mass column: 0/0, removed below.
     train, test = (train - mean) / std, (test - mean[:width]) / std[:width]
-  removed = {column for column in range(train.shape[1])
-             if np.unique(train[:, column], return_counts=True)[1][0] > 5}
+  removed = {
+    column
+    for column in range(train.shape[1])
+    if np.unique(train[:, column], return_counts=True)[1][0] > 5
+  }
   train = train[:, [column for column in range(train.shape[1]) if column not in removed]]
   test = test[:, [column for column in range(width) if column not in removed]]
   if test.shape[1] != train.shape[1]:
-    raise ValueError(f"hepmass: after cleaning, the test file has {test.shape[1]} features and the "
-                     f"train file {train.shape[1]}; are these the release's 1000_train.csv and 1000_test.csv?")
+    raise ValueError(
+      f"hepmass: after cleaning, the test file has {test.shape[1]} features and the "
+      f"train file {train.shape[1]}; are these the release's 1000_train.csv and 1000_test.csv?"
+    )
   num_validation = int(0.1 * train.shape[0])
   return train[:-num_validation], train[-num_validation:], test
 
 
 def _miniboone(root: str) -> Arrays:
-  return _standardise_by_train_and_validation(*_split_tail(np.load(_path(root, "miniboone/data.npy"))))
+  return _standardise_by_train_and_validation(
+    *_split_tail(np.load(_path(root, "miniboone/data.npy")))
+  )
 
 
 def _bsds300(root: str) -> Arrays:
   import h5py  # pylint: disable=g-import-not-at-top
+
   with h5py.File(_path(root, "BSDS300/BSDS300.hdf5"), "r") as file:
     return tuple(np.asarray(file[split], np.float64) for split in ("train", "validation", "test"))
 
 
 LOADERS: dict[str, Callable[[str], Arrays]] = {
-    "power": _power, "gas": _gas, "hepmass": _hepmass, "miniboone": _miniboone, "bsds300": _bsds300,
+  "power": _power,
+  "gas": _gas,
+  "hepmass": _hepmass,
+  "miniboone": _miniboone,
+  "bsds300": _bsds300,
 }
 
 
@@ -112,10 +132,10 @@ def _path(root: str, relative: str) -> str:
   path = os.path.join(root, relative)
   if not os.path.isfile(path):
     raise data.DatasetNotFoundError(
-        f"{path} does not exist. config.data_dir must be the folder that holds the MAF benchmark "
-        "release's power/, gas/, hepmass/, miniboone/ and BSDS300/ folders: download data.tar.gz "
-        "from Zenodo record 1161203 (https://zenodo.org/records/1161203), unpack it, and pass "
-        "--config.data_dir=<unpacked>/data."
+      f"{path} does not exist. config.data_dir must be the folder that holds the MAF benchmark "
+      "release's power/, gas/, hepmass/, miniboone/ and BSDS300/ folders: download data.tar.gz "
+      "from Zenodo record 1161203 (https://zenodo.org/records/1161203), unpack it, and pass "
+      "--config.data_dir=<unpacked>/data."
     )
   return path
 
@@ -123,16 +143,21 @@ def _path(root: str, relative: str) -> str:
 def load(name: str, root: str) -> Arrays:
   """Standard train, validation and test arrays (N_split, D) float64 of benchmark `name`."""
   if name not in LOADERS:
-    raise ValueError(f"config.dataset={name!r} is not one of the tabular benchmarks {sorted(LOADERS)}.")
+    raise ValueError(
+      f"config.dataset={name!r} is not one of the tabular benchmarks {sorted(LOADERS)}."
+    )
   if not root:
     raise data.DatasetNotFoundError(
-        "config.data_dir is empty: set it to the unpacked MAF benchmark release (Zenodo record "
-        "1161203, data.tar.gz), the folder that holds power/, gas/, hepmass/, miniboone/, BSDS300/.")
+      "config.data_dir is empty: set it to the unpacked MAF benchmark release (Zenodo record "
+      "1161203, data.tar.gz), the folder that holds power/, gas/, hepmass/, miniboone/, BSDS300/."
+    )
   splits = LOADERS[name](root)
   for split_name, split in zip(("train", "validation", "test"), splits, strict=True):
     if not np.all(np.isfinite(split)):
-      raise ValueError(f"{name}: the {split_name} split has non-finite values after preprocessing; "
-                       f"the files under {root} are not the release's.")
+      raise ValueError(
+        f"{name}: the {split_name} split has non-finite values after preprocessing; "
+        f"the files under {root} are not the release's."
+      )
   return splits
 
 
@@ -141,4 +166,3 @@ class TabularSource(data.ArraySource):
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.splits = data.arrays_to_splits(*load(config.dataset, config.data_dir))
-

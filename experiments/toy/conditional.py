@@ -38,8 +38,12 @@ import optax
 
 import flax_relgrad as fr
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Where TensorBoard events and conditional.png go.", required=True)
-EPOCHS = flags.DEFINE_integer("epochs", 80, "Training epochs of num_train // 200 steps (batch 200).")
+WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Where TensorBoard events and conditional.png go.", required=True
+)
+EPOCHS = flags.DEFINE_integer(
+  "epochs", 80, "Training epochs of num_train // 200 steps (batch 200)."
+)
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the initialisation and the shuffling.")
 NUM_TRAIN = flags.DEFINE_integer("num_train", 50_000, "Training pairs (x, c).")
 NUM_VALIDATION = flags.DEFINE_integer("num_validation", 10_000, "Validation pairs (x, c).")
@@ -76,7 +80,9 @@ def true_log_prob(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 def make_model() -> fr.ConditionalFlowMLP:
   conditioner = nn.Sequential([nn.Dense(64), nn.gelu, nn.Dense(64), nn.gelu])
-  return fr.ConditionalFlowMLP(num_layers=8, conditioner=conditioner, activation=fr.SmoothLeakyReLU(0.2))
+  return fr.ConditionalFlowMLP(
+    num_layers=8, conditioner=conditioner, activation=fr.SmoothLeakyReLU(0.2)
+  )
 
 
 def mean_and_two_standard_errors(values: np.ndarray) -> tuple[float, float]:
@@ -95,8 +101,12 @@ def draw(model: fr.ConditionalFlowMLP, params, path: str, grid_size: int = 150) 
     rows = [("truth", true_log_prob(grid, c)), ("learned", np.asarray(learned_log_prob(grid, c)))]
     for row, (title, log_prob) in enumerate(rows):
       axes = figure.add_subplot(2, len(PICTURE_CONTEXTS), row * len(PICTURE_CONTEXTS) + column + 1)
-      axes.imshow(np.exp(log_prob).reshape(grid_size, grid_size), origin="lower",
-                  extent=(*PLOT_RANGE, *PLOT_RANGE), cmap="viridis")
+      axes.imshow(
+        np.exp(log_prob).reshape(grid_size, grid_size),
+        origin="lower",
+        extent=(*PLOT_RANGE, *PLOT_RANGE),
+        cmap="viridis",
+      )
       axes.set_title(f"{title}, c = {context:+.1f}")
       axes.set_xticks([])
       axes.set_yticks([])
@@ -104,8 +114,9 @@ def draw(model: fr.ConditionalFlowMLP, params, path: str, grid_size: int = 150) 
   canvas.print_png(path)
 
 
-def train_and_evaluate(workdir: str, epochs: int, seed: int, num_train: int, num_validation: int,
-                       num_test: int) -> dict[str, float]:
+def train_and_evaluate(
+  workdir: str, epochs: int, seed: int, num_train: int, num_validation: int, num_test: int
+) -> dict[str, float]:
   """Trains, evaluates, draws; returns the test log-likelihoods (model and truth).
 
   `fr.fit` runs `epochs` epochs of ⌊num_train / 200⌋ steps (no early stopping: the schedule
@@ -122,13 +133,23 @@ def train_and_evaluate(workdir: str, epochs: int, seed: int, num_train: int, num
   schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(500, steps // 10), steps)
   # As jax arrays: fit indexes them with traced permutations inside its jitted epoch.
   as_jax = lambda *arrays: tuple(jnp.asarray(array) for array in arrays)
-  result = fr.fit(model, params, as_jax(train_x, train_c), as_jax(validation_x, validation_c),
-                  optimizer=optax.adam(schedule), batch_size=BATCH_SIZE, max_epochs=epochs,
-                  patience=epochs, seed=seed)
+  result = fr.fit(
+    model,
+    params,
+    as_jax(train_x, train_c),
+    as_jax(validation_x, validation_c),
+    optimizer=optax.adam(schedule),
+    batch_size=BATCH_SIZE,
+    max_epochs=epochs,
+    patience=epochs,
+    seed=seed,
+  )
   writer = metric_writers.create_default_writer(workdir)
   history = zip(result.history["train_nll"], result.history["validation_nll"], strict=True)
   for epoch, (train_nll, validation_nll) in enumerate(history, start=1):
-    writer.write_scalars(epoch * steps_per_epoch, {"train/nll": train_nll, "validation/nll": validation_nll})
+    writer.write_scalars(
+      epoch * steps_per_epoch, {"train/nll": train_nll, "validation/nll": validation_nll}
+    )
   log_prob = np.asarray(model.apply({"params": result.params}, test_x, test_c, method="log_prob"))
   if not np.all(np.isfinite(log_prob)):
     raise FloatingPointError("The trained flow gives non-finite test log-likelihoods.")
@@ -137,16 +158,19 @@ def train_and_evaluate(workdir: str, epochs: int, seed: int, num_train: int, num
   writer.write_scalars(steps, {"test/ll": model_ll, "test/true_ll": truth_ll})
   writer.flush()
   draw(model, result.params, os.path.join(workdir, "conditional.png"))
-  print(f"test LL {model_ll:.3f} ± {model_se:.3f} nats (truth {truth_ll:.3f} ± {truth_se:.3f}), "
-        f"best epoch {result.best_epoch} of {epochs}; picture: {os.path.join(workdir, 'conditional.png')}")
+  print(
+    f"test LL {model_ll:.3f} ± {model_se:.3f} nats (truth {truth_ll:.3f} ± {truth_se:.3f}), "
+    f"best epoch {result.best_epoch} of {epochs}; picture: {os.path.join(workdir, 'conditional.png')}"
+  )
   return {"test_ll": model_ll, "true_ll": truth_ll, "best_epoch": result.best_epoch}
 
 
 def main(argv):
   del argv
   os.makedirs(WORKDIR.value, exist_ok=True)
-  train_and_evaluate(WORKDIR.value, EPOCHS.value, SEED.value, NUM_TRAIN.value, NUM_VALIDATION.value,
-                     NUM_TEST.value)
+  train_and_evaluate(
+    WORKDIR.value, EPOCHS.value, SEED.value, NUM_TRAIN.value, NUM_VALIDATION.value, NUM_TEST.value
+  )
 
 
 if __name__ == "__main__":

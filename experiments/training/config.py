@@ -53,18 +53,30 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first out-of-range field of `base_config()`."""
-  for field in ("batch_size", "steps_per_call", "num_epochs", "log_every_steps", "eval_every_epochs",
-                "eval_batch_size"):
+  for field in (
+    "batch_size",
+    "steps_per_call",
+    "num_epochs",
+    "log_every_steps",
+    "eval_every_epochs",
+    "eval_batch_size",
+  ):
     if int(config[field]) < 1:
       raise ValueError(f"config.{field} must be a positive integer, got {config[field]}.")
   if config.checkpoint_every_steps < 0:
-    raise ValueError(f"config.checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}.")
+    raise ValueError(
+      f"config.checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}."
+    )
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
   if config.on_divergence not in ("stop", "restore"):
-    raise ValueError(f"config.on_divergence={config.on_divergence!r} is not one of ['restore', 'stop'].")
+    raise ValueError(
+      f"config.on_divergence={config.on_divergence!r} is not one of ['restore', 'stop']."
+    )
   if not 0.0 < config.divergence_lr_factor < 1.0:
-    raise ValueError(f"config.divergence_lr_factor must lie in (0, 1), got {config.divergence_lr_factor}.")
+    raise ValueError(
+      f"config.divergence_lr_factor must lie in (0, 1), got {config.divergence_lr_factor}."
+    )
   for field in ("warmup_steps", "clip_norm", "divergence_nats", "max_divergences"):
     if config[field] < 0:
       raise ValueError(f"config.{field} must be >= 0, got {config[field]}.")

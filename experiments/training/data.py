@@ -105,8 +105,13 @@ def arrays_to_splits(train: np.ndarray, validation: np.ndarray, test: np.ndarray
   """Splits from in-memory arrays (N_split, D): uint8 kept, anything else stored as float32."""
   stored = lambda array: array if array.dtype == np.uint8 else np.asarray(array, np.float32)
   as_dataset = lambda array: tf.data.Dataset.from_tensor_slices(stored(array)).cache()
-  return Splits(stored(train), as_dataset(validation), as_dataset(test),
-                num_train=train.shape[0], num_features=train.shape[1])
+  return Splits(
+    stored(train),
+    as_dataset(validation),
+    as_dataset(test),
+    num_train=train.shape[0],
+    num_features=train.shape[1],
+  )
 
 
 def noise_key(seed: int | jax.Array, *counters: int | jax.Array) -> jax.Array:
@@ -118,8 +123,11 @@ def noise_key(seed: int | jax.Array, *counters: int | jax.Array) -> jax.Array:
 
 
 def train_chunks(
-    splits: Splits, config: ml_collections.ConfigDict, epoch: int, skip_batches: int = 0,
-    rows: slice = slice(None),
+  splits: Splits,
+  config: ml_collections.ConfigDict,
+  epoch: int,
+  skip_batches: int = 0,
+  rows: slice = slice(None),
 ) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of shuffled raw training batches, `steps_per_call` batches per element.
 
@@ -132,40 +140,54 @@ def train_chunks(
   """
   seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
   if isinstance(splits.train, np.ndarray):
-    return _array_chunks(splits.train, config.batch_size, config.steps_per_call, seed, skip_batches, rows)
+    return _array_chunks(
+      splits.train, config.batch_size, config.steps_per_call, seed, skip_batches, rows
+    )
   dataset = splits.train.shuffle(splits.num_train, seed=seed, reshuffle_each_iteration=False)
   dataset = dataset.batch(config.batch_size, drop_remainder=True).enumerate().skip(skip_batches)
-  dataset = dataset.map(lambda index, examples: {
+  dataset = dataset.map(
+    lambda index, examples: {
       "examples": examples[rows],
       "batch_index": tf.cast(index, tf.int32),
-  })
+    }
+  )
   return dataset.batch(config.steps_per_call).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def _array_chunks(records: np.ndarray, batch_size: int, steps_per_call: int, seed: int,
-                  skip_batches: int, rows: slice) -> Iterator[dict[str, np.ndarray]]:
+def _array_chunks(
+  records: np.ndarray,
+  batch_size: int,
+  steps_per_call: int,
+  seed: int,
+  skip_batches: int,
+  rows: slice,
+) -> Iterator[dict[str, np.ndarray]]:
   """`train_chunks` for records (N, D) in memory: batches are rows of a seeded permutation."""
   num_batches = records.shape[0] // batch_size
   order = np.random.default_rng(seed).permutation(records.shape[0])[: num_batches * batch_size]
   order = order.reshape(num_batches, batch_size)[:, rows]
   for start in range(skip_batches, num_batches, steps_per_call):
     indices = order[start : start + steps_per_call]
-    yield {"examples": records[indices],
-           "batch_index": np.arange(start, start + indices.shape[0], dtype=np.int32)}
+    yield {
+      "examples": records[indices],
+      "batch_index": np.arange(start, start + indices.shape[0], dtype=np.int32),
+    }
 
 
-def eval_array(source: DataSource, dataset: tf.data.Dataset, seed: int, noise_stream: int) -> jax.Array:
+def eval_array(
+  source: DataSource, dataset: tf.data.Dataset, seed: int, noise_stream: int
+) -> jax.Array:
   """A whole evaluation split as y (N, D) on the device, preprocessed with fixed seeded noise."""
   preprocess = jax.jit(lambda raw, key: source.preprocess(raw, key, training=False))
   chunks = [
-      preprocess(raw, noise_key(seed, noise_stream, index))
-      for index, raw in enumerate(dataset.batch(1000).as_numpy_iterator())
+    preprocess(raw, noise_key(seed, noise_stream, index))
+    for index, raw in enumerate(dataset.batch(1000).as_numpy_iterator())
   ]
   return jnp.concatenate(chunks, axis=0)
 
 
 def prefetch_to_device(
-    batches: Iterable[Any], put: Callable[[Any], Any] = jax.device_put, size: int = 2
+  batches: Iterable[Any], put: Callable[[Any], Any] = jax.device_put, size: int = 2
 ) -> Iterator[Any]:
   """Yields `put(element)` (a transfer to the devices), `size` elements ahead of the consumer."""
   queue = []
@@ -176,15 +198,24 @@ def prefetch_to_device(
   yield from queue
 
 
-def device_chunks(splits: Splits, config: ml_collections.ConfigDict, epoch: int,
-                  data_parallel: parallel.DataParallel, skip_batches: int = 0) -> Iterator[dict[str, jax.Array]]:
+def device_chunks(
+  splits: Splits,
+  config: ml_collections.ConfigDict,
+  epoch: int,
+  data_parallel: parallel.DataParallel,
+  skip_batches: int = 0,
+) -> Iterator[dict[str, jax.Array]]:
   """One epoch of training chunks (`train_chunks`) as global arrays on the devices.
 
   This host reads only its rows of each global batch; the chunks are assembled over the
   `data` mesh (`DataParallel.put_chunk`) two ahead of the consumer.
   """
-  local_chunks = train_chunks(splits, config, epoch, skip_batches, data_parallel.local_rows(config.batch_size))
-  return prefetch_to_device(local_chunks, lambda chunk: data_parallel.put_chunk(chunk, config.batch_size))
+  local_chunks = train_chunks(
+    splits, config, epoch, skip_batches, data_parallel.local_rows(config.batch_size)
+  )
+  return prefetch_to_device(
+    local_chunks, lambda chunk: data_parallel.put_chunk(chunk, config.batch_size)
+  )
 
 
 def load_source(config: ml_collections.ConfigDict) -> DataSource:
@@ -194,12 +225,16 @@ def load_source(config: ml_collections.ConfigDict) -> DataSource:
   # pylint: disable=g-import-not-at-top
   if config.data_source == "images":
     from experiments import images
+
     return images.ImageSource(config)
   if config.data_source == "toy":
     from experiments.toy import input_pipeline as toy
+
     return toy.ToySource(config)
   if config.data_source == "tabular":
     from experiments.tabular import input_pipeline as tabular
+
     return tabular.TabularSource(config)
   raise ValueError(
-      f"config.data_source={config.data_source!r} is not one of ['images', 'tabular', 'toy'].")
+    f"config.data_source={config.data_source!r} is not one of ['images', 'tabular', 'toy']."
+  )

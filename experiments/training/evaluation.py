@@ -18,8 +18,13 @@ EvalStep = Callable[[PyTree, jax.Array], dict[str, jax.Array]]
 """(params, y (N, D)) → per-example metrics (N,), see `steps.make_eval_step`."""
 
 
-def evaluate(eval_step: EvalStep, params: PyTree, y: np.ndarray, batch_size: int,
-             put: Callable[[np.ndarray], jax.Array] = jax.device_put) -> dict[str, float]:
+def evaluate(
+  eval_step: EvalStep,
+  params: PyTree,
+  y: np.ndarray,
+  batch_size: int,
+  put: Callable[[np.ndarray], jax.Array] = jax.device_put,
+) -> dict[str, float]:
   """Means over y (N, D) of `eval_step`'s outputs, and 2 standard errors (`<key>_2se`) of all
   but the likelihood parts.
 
@@ -27,22 +32,34 @@ def evaluate(eval_step: EvalStep, params: PyTree, y: np.ndarray, batch_size: int
   """
   if y.shape[0] == 0:
     raise ValueError("The evaluation split is empty.")
-  batches = [eval_step(params, put(y[start:start + batch_size])) for start in range(0, y.shape[0], batch_size)]
-  values = {key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]}
+  batches = [
+    eval_step(params, put(y[start : start + batch_size]))
+    for start in range(0, y.shape[0], batch_size)
+  ]
+  values = {
+    key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]
+  }
   two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
   metrics = {key: float(value.mean()) for key, value in values.items()}
-  metrics.update({f"{key}_2se": two_se(value) for key, value in values.items()
-                  if key not in steps.LIKELIHOOD_PARTS})
+  metrics.update(
+    {
+      f"{key}_2se": two_se(value)
+      for key, value in values.items()
+      if key not in steps.LIKELIHOOD_PARTS
+    }
+  )
   return metrics
 
 
 def describe(metrics: dict[str, float]) -> str:
-  """"LL −3.34 ± 0.02 nats", or for images (which report bits/dim, and whose LL is of the
+  """ "LL −3.34 ± 0.02 nats", or for images (which report bits/dim, and whose LL is of the
   logit-transformed pixels) "LL −1375.78 ± 1.39 logit nats, 2.0303 ± 0.0056 bits/dim"."""
   if "bpd" not in metrics:
     return f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} nats"
-  return (f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} logit nats, "
-          f"{metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim")
+  return (
+    f"LL {metrics['ll']:.2f} ± {metrics['ll_2se']:.2f} logit nats, "
+    f"{metrics['bpd']:.4f} ± {metrics['bpd_2se']:.4f} bits/dim"
+  )
 
 
 def kernel_diagnostics(params: PyTree) -> dict[str, float]:

@@ -35,9 +35,9 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   # Cross-process collectives on CPU need gloo; accelerators use their own collectives.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=config.coordinator_address,
-      num_processes=config.num_processes,
-      process_id=config.process_id,
+    coordinator_address=config.coordinator_address,
+    num_processes=config.num_processes,
+    process_id=config.process_id,
   )
 
 
@@ -59,16 +59,16 @@ class DataParallel:
   def chunk_sharding(self) -> dict[str, NamedSharding]:
     """Train chunks {"examples": (k, B, D) sharded along B, "batch_index": (k,) replicated}."""
     return {
-        "examples": NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS, None)),
-        "batch_index": self.replicated,
+      "examples": NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS, None)),
+      "batch_index": self.replicated,
     }
 
   def local_rows(self, batch_size: int) -> slice:
     """The rows of every global batch that this host feeds (all of them on one host)."""
     if batch_size % self.mesh.size:
       raise ValueError(
-          f"config.batch_size={batch_size} must be divisible by the number of devices "
-          f"({self.mesh.size}) to shard the batch over them."
+        f"config.batch_size={batch_size} must be divisible by the number of devices "
+        f"({self.mesh.size}) to shard the batch over them."
       )
     per_process = batch_size // jax.process_count()
     return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
@@ -78,20 +78,25 @@ class DataParallel:
     examples = local_chunk["examples"]
     global_shape = (examples.shape[0], batch_size, examples.shape[2])
     return {
-        "examples": jax.make_array_from_process_local_data(
-            self.chunk_sharding["examples"], examples, global_shape),
-        "batch_index": jax.make_array_from_process_local_data(
-            self.replicated, local_chunk["batch_index"]),
+      "examples": jax.make_array_from_process_local_data(
+        self.chunk_sharding["examples"], examples, global_shape
+      ),
+      "batch_index": jax.make_array_from_process_local_data(
+        self.replicated, local_chunk["batch_index"]
+      ),
     }
 
   def put_batch(self, batch: np.ndarray) -> jax.Array:
     """A host batch (N, D), the same on every host, sharded along N over the mesh (replicated
     when N is not divisible by the device count, as an evaluation set's last batch may be)."""
-    spec = PartitionSpec(DATA_AXIS, None) if batch.shape[0] % self.mesh.size == 0 else PartitionSpec()
+    spec = (
+      PartitionSpec(DATA_AXIS, None) if batch.shape[0] % self.mesh.size == 0 else PartitionSpec()
+    )
     return jax.device_put(batch, NamedSharding(self.mesh, spec))
 
   def abstract_replicated(self, abstract_tree: PyTree) -> PyTree:
     """ShapeDtypeStructs of a replicated tree: targets for restoring checkpoints."""
     return jax.tree_util.tree_map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.replicated), abstract_tree
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.replicated),
+      abstract_tree,
     )

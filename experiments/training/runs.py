@@ -1,8 +1,8 @@
 """`load_run(workdir)`: a finished (or running) experiment's model and best parameters, e.g. in a notebook.
 
-    from experiments.training.runs import load_run
-    run = load_run("runs/mnist")          # settings from config.json, params from checkpoints/best
-    log_p = run.model.apply({"params": run.params}, y, method="log_prob")
+from experiments.training.runs import load_run
+run = load_run("runs/mnist")          # settings from config.json, params from checkpoints/best
+log_p = run.model.apply({"params": run.params}, y, method="log_prob")
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def load_run(workdir: str) -> TrainedRun:
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir} is not the --workdir of a training run.")
+    raise FileNotFoundError(
+      f"{path} does not exist: {workdir} is not the --workdir of a training run."
+    )
   with open(path) as file:
     config = ml_collections.ConfigDict(json.load(file))
   model = steps.create_model(config)
@@ -50,7 +52,9 @@ def load_run(workdir: str) -> TrainedRun:
   try:
     _, shapes = run_checkpoints.best_params_shapes()
     width = shapes["layers_0"]["kernel"][-1]
-    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, width))))["params"]
+    abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, width)))
+    )["params"]
     replicated = parallel.DataParallel.over_all_devices().abstract_replicated(abstract_params)
     step, params = run_checkpoints.restore_best_params(replicated)
   finally:

@@ -44,19 +44,22 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
-  kernel_inits = {"orthogonal": jax.nn.initializers.orthogonal(), "near_identity": fr.near_identity()}
+  kernel_inits = {
+    "orthogonal": jax.nn.initializers.orthogonal(),
+    "near_identity": fr.near_identity(),
+  }
   if config.kernel_init not in kernel_inits:
     raise ValueError(
-        f"config.kernel_init={config.kernel_init!r} is not one of {sorted(kernel_inits)}."
+      f"config.kernel_init={config.kernel_init!r} is not one of {sorted(kernel_inits)}."
     )
   return fr.FlowMLP(
-      num_layers=config.num_layers,
-      activation=fr.SmoothLeakyReLU(config.alpha),
-      use_bias=config.use_bias,
-      kernel_init=kernel_inits[config.kernel_init],
-      # .get: a workdir's config.json from before splines existed has neither field.
-      spline_bins=config.get("spline_bins", 0),
-      spline_bound=config.get("spline_bound", 4.0),
+    num_layers=config.num_layers,
+    activation=fr.SmoothLeakyReLU(config.alpha),
+    use_bias=config.use_bias,
+    kernel_init=kernel_inits[config.kernel_init],
+    # .get: a workdir's config.json from before splines existed has neither field.
+    spline_bins=config.get("spline_bins", 0),
+    spline_bound=config.get("spline_bound", 4.0),
   )
 
 
@@ -65,19 +68,26 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
   peak, warmup = config.learning_rate, config.warmup_steps
   if config.lr_schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=peak * config.final_lr_fraction,
+      init_value=0.0 if warmup else peak,
+      peak_value=peak,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=peak * config.final_lr_fraction,
     )
   if config.lr_schedule == "constant":
     if not warmup:
       return optax.constant_schedule(peak)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+      [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
     )
-  raise ValueError(f"config.lr_schedule={config.lr_schedule!r} is not one of ['constant', 'cosine'].")
+  raise ValueError(
+    f"config.lr_schedule={config.lr_schedule!r} is not one of ['constant', 'cosine']."
+  )
 
 
-def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformationExtraArgs:
+def create_optimizer(
+  config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformationExtraArgs:
   """(optional) clip_by_global_norm(clip_norm) → Adam(learning_rate), on the relative gradient.
 
   learning_rate = schedule(step) · learning_rate_scale, both hyperparameters injected into the
@@ -85,11 +95,14 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> opt
   """
   clip = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm > 0 else []
 
-  def chain(learning_rate: jax.Array, learning_rate_scale: jax.Array) -> optax.GradientTransformation:
+  def chain(
+    learning_rate: jax.Array, learning_rate_scale: jax.Array
+  ) -> optax.GradientTransformation:
     return optax.chain(*clip, optax.adam(learning_rate * learning_rate_scale))
 
   return optax.inject_hyperparams(chain)(
-      learning_rate=learning_rate_schedule(config, total_steps), learning_rate_scale=1.0)
+    learning_rate=learning_rate_schedule(config, total_steps), learning_rate_scale=1.0
+  )
 
 
 def learning_rate(state: TrainState) -> float:
@@ -110,26 +123,34 @@ def with_learning_rate_scale(state: TrainState, scale: float) -> TrainState:
   return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 
-def initial_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int) -> TrainState:
+def initial_state(
+  model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int
+) -> TrainState:
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, num_features)))["params"]
   return TrainState(
-      step=jnp.array(0, jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      loss_sum=jnp.array(0.0, jnp.float32),
-      first_nonfinite_step=jnp.array(-1, jnp.int32),
-      best_validation_ll=jnp.array(-jnp.inf, jnp.float32),
-      evals_since_best=jnp.array(0, jnp.int32),
-      lowest_train_nll=jnp.array(jnp.inf, jnp.float32),
-      divergences=jnp.array(0, jnp.int32),
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    loss_sum=jnp.array(0.0, jnp.float32),
+    first_nonfinite_step=jnp.array(-1, jnp.int32),
+    best_validation_ll=jnp.array(-jnp.inf, jnp.float32),
+    evals_since_best=jnp.array(0, jnp.int32),
+    lowest_train_nll=jnp.array(jnp.inf, jnp.float32),
+    divergences=jnp.array(0, jnp.int32),
   )
 
 
-def abstract_state(model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int,
-                   data_parallel: parallel.DataParallel) -> TrainState:
+def abstract_state(
+  model: fr.FlowMLP,
+  tx: optax.GradientTransformation,
+  num_features: int,
+  seed: int,
+  data_parallel: parallel.DataParallel,
+) -> TrainState:
   """Shapes, dtypes and (replicated) shardings of the train state: the target for restoring."""
   return data_parallel.abstract_replicated(
-      jax.eval_shape(lambda: initial_state(model, tx, num_features, seed)))
+    jax.eval_shape(lambda: initial_state(model, tx, num_features, seed))
+  )
 
 
 def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
@@ -138,21 +159,28 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
   def train_step(state: TrainState, batch: jax.Array) -> TrainState:
     params, opt_state, loss = fr.relative_update(model, tx, state.params, state.opt_state, batch)
     first_bad = jnp.where(
-        (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1, state.first_nonfinite_step
+      (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss),
+      state.step + 1,
+      state.first_nonfinite_step,
     )
     return state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        loss_sum=state.loss_sum + loss,
-        first_nonfinite_step=first_bad,
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      loss_sum=state.loss_sum + loss,
+      first_nonfinite_step=first_bad,
     )
 
   return train_step
 
 
-def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, source: data.DataSource,
-                     seed: int, data_parallel: parallel.DataParallel):
+def make_train_chunk(
+  model: fr.FlowMLP,
+  tx: optax.GradientTransformation,
+  source: data.DataSource,
+  seed: int,
+  data_parallel: parallel.DataParallel,
+):
   """A jitted (state, chunk, epoch) → state running k train steps in one call (`lax.scan`).
 
   `chunk` holds raw records (k, B, D), sharded along B over the `data` mesh, and their batch
@@ -172,15 +200,19 @@ def make_train_chunk(model: fr.FlowMLP, tx: optax.GradientTransformation, source
 
   replicated = data_parallel.replicated
   return jax.jit(
-      train_chunk, donate_argnums=0, out_shardings=replicated,
-      in_shardings=(replicated, data_parallel.chunk_sharding, replicated),
+    train_chunk,
+    donate_argnums=0,
+    out_shardings=replicated,
+    in_shardings=(replicated, data_parallel.chunk_sharding, replicated),
   )
 
 
 LIKELIHOOD_PARTS = ("activation_log_det", "gaussian")
 
 
-def make_eval_step(model: fr.FlowMLP, source: data.DataSource, data_parallel: parallel.DataParallel):
+def make_eval_step(
+  model: fr.FlowMLP, source: data.DataSource, data_parallel: parallel.DataParallel
+):
   """A jitted (params, y (N, D)) → per-example arrays (N,) of the log-likelihood and its parts.
 
   y may be sharded along N (see `DataParallel.put_batch`); the outputs are replicated, so
@@ -194,15 +226,25 @@ def make_eval_step(model: fr.FlowMLP, source: data.DataSource, data_parallel: pa
 
   def eval_step(params: PyTree, y: jax.Array) -> dict[str, jax.Array]:
     variables = {"params": params}
-    z, activation_log_det = model.apply(variables, y, method=fr.FlowMLP.forward_and_activation_log_det)
+    z, activation_log_det = model.apply(
+      variables, y, method=fr.FlowMLP.forward_and_activation_log_det
+    )
     gaussian = fr.standard_normal_log_prob(z)
-    log_prob = gaussian + activation_log_det + model.apply(variables, method=fr.FlowMLP.kernel_log_abs_det)
-    return {"ll": log_prob, "activation_log_det": activation_log_det, "gaussian": gaussian,
-            **source.extra_metrics(log_prob, y)}
+    log_prob = (
+      gaussian + activation_log_det + model.apply(variables, method=fr.FlowMLP.kernel_log_abs_det)
+    )
+    return {
+      "ll": log_prob,
+      "activation_log_det": activation_log_det,
+      "gaussian": gaussian,
+      **source.extra_metrics(log_prob, y),
+    }
 
   return jax.jit(eval_step, out_shardings=data_parallel.replicated)
 
 
 def make_kernel_log_abs_det(model: fr.FlowMLP) -> Callable[[PyTree], jax.Array]:
   """A jitted params → Σ_k log|det W_k| (O(D³): for logging, not every step)."""
-  return jax.jit(lambda params: model.apply({"params": params}, method=fr.FlowMLP.kernel_log_abs_det))
+  return jax.jit(
+    lambda params: model.apply({"params": params}, method=fr.FlowMLP.kernel_log_abs_det)
+  )

@@ -31,10 +31,14 @@ from experiments.training import steps
 
 flags.DEFINE_integer("steps", 2000, "Train steps per timed round.")
 flags.DEFINE_integer("repetitions", 3, "Alternating rounds of each measurement.")
-flags.DEFINE_integer("synthetic_examples", 0, "If > 0: that many random uint8 images replace the dataset.")
+flags.DEFINE_integer(
+  "synthetic_examples", 0, "If > 0: that many random uint8 images replace the dataset."
+)
 config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "mnist", "configs", "default.py"),
-    "Training configuration.", lock_config=True,
+  "config",
+  os.path.join(os.path.dirname(__file__), "..", "mnist", "configs", "default.py"),
+  "Training configuration.",
+  lock_config=True,
 )
 FLAGS = flags.FLAGS
 
@@ -43,10 +47,16 @@ def load_source(config) -> data.DataSource:
   if not FLAGS.synthetic_examples:
     return data.load_source(config)
   if config.data_source != "images":
-    raise app.UsageError("--synthetic_examples needs an image config (config.data_source='images').")
+    raise app.UsageError(
+      "--synthetic_examples needs an image config (config.data_source='images')."
+    )
   rng = np.random.default_rng(config.seed)
-  random_split = lambda: rng.integers(0, 256, (FLAGS.synthetic_examples, math.prod(config.image_shape)), np.uint8)
-  return images.ImageSource(config, data.arrays_to_splits(random_split(), random_split(), random_split()))
+  random_split = lambda: rng.integers(
+    0, 256, (FLAGS.synthetic_examples, math.prod(config.image_shape)), np.uint8
+  )
+  return images.ImageSource(
+    config, data.arrays_to_splits(random_split(), random_split(), random_split())
+  )
 
 
 def main(argv):
@@ -62,7 +72,9 @@ def main(argv):
   state = steps.initial_state(model, tx, source.splits.num_features, config.seed)
   first_chunk = next(chunks(0))
   state = jax.block_until_ready(train_chunk(state, first_chunk, 0))  # Compile.
-  fixed_batch = source.preprocess(first_chunk["examples"][0], data.noise_key(config.seed, 0), training=True)
+  fixed_batch = source.preprocess(
+    first_chunk["examples"][0], data.noise_key(config.seed, 0), training=True
+  )
   state = jax.block_until_ready(train_step(state, fixed_batch))  # Compile.
 
   def bare(state):
@@ -90,11 +102,15 @@ def main(argv):
     rates["end to end"].append(num_steps * config.batch_size / seconds)
   medians = {name: statistics.median(values) for name, values in rates.items()}
   for name, median in medians.items():
-    print(f"{name:>10}: {median:9.0f} examples/s, {1000 * config.batch_size / median:8.2f} ms/step "
-          f"(median of {FLAGS.repetitions}; all: {', '.join(f'{v:.0f}' for v in rates[name])})")
-  print(f"end to end / bare step = {medians['end to end'] / medians['bare step']:.3f} "
-        f"(batch {config.batch_size}, {config.num_layers} layers, D={source.splits.num_features}, "
-        f"{jax.devices()[0].platform})")
+    print(
+      f"{name:>10}: {median:9.0f} examples/s, {1000 * config.batch_size / median:8.2f} ms/step "
+      f"(median of {FLAGS.repetitions}; all: {', '.join(f'{v:.0f}' for v in rates[name])})"
+    )
+  print(
+    f"end to end / bare step = {medians['end to end'] / medians['bare step']:.3f} "
+    f"(batch {config.batch_size}, {config.num_layers} layers, D={source.splits.num_features}, "
+    f"{jax.devices()[0].platform})"
+  )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def write_release(root: str, seed: int = 0) -> str:
     table[:, 0] = rng.integers(0, 2, rows)
     table[:, 3] = rng.integers(0, 3, rows)
     table[:, -1] = 1000.0
-    pd.DataFrame(table, columns=HEPMASS_COLUMNS).to_csv(os.path.join(root, "hepmass", name), index=False)
+    pd.DataFrame(table, columns=HEPMASS_COLUMNS).to_csv(
+      os.path.join(root, "hepmass", name), index=False
+    )
   np.save(os.path.join(root, "miniboone", "data.npy"), rng.normal(size=(400, 43)) * 3 + 1)
   with h5py.File(os.path.join(root, "BSDS300", "BSDS300.hdf5"), "w") as file:
     for split, rows in (("train", 300), ("validation", 50), ("test", 60)):

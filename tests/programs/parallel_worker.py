@@ -27,21 +27,31 @@ from test_parallel import parallel_config  # pylint: disable=g-import-not-at-top
 def main():
   config = parallel_config()
   if len(sys.argv) > 3:
-    config.update(coordinator_address=sys.argv[3], num_processes=int(sys.argv[4]), process_id=int(sys.argv[5]))
+    config.update(
+      coordinator_address=sys.argv[3], num_processes=int(sys.argv[4]), process_id=int(sys.argv[5])
+    )
   parallel.initialize_distributed(config)
   data_parallel = parallel.DataParallel.over_all_devices()
   rows = data_parallel.local_rows(config.batch_size)
-  local = {"examples": np.zeros((2, rows.stop - rows.start, 784), np.uint8),
-           "batch_index": np.arange(2, dtype=np.int32)}
+  local = {
+    "examples": np.zeros((2, rows.stop - rows.start, 784), np.uint8),
+    "batch_index": np.arange(2, dtype=np.int32),
+  }
   chunk = data_parallel.put_chunk(local, config.batch_size)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     loop.train_and_evaluate(config, sys.argv[1])
-  print(json.dumps({
-      "devices": jax.device_count(), "processes": jax.process_count(),
-      "chunk_shape": list(chunk["examples"].shape), "chunk_spec": str(chunk["examples"].sharding.spec),
-      "shard_shape": list(chunk["examples"].addressable_shards[0].data.shape),
-      "eval_spec": str(data_parallel.put_batch(np.zeros((8, 784), np.float32)).sharding.spec),
-  }))
+  print(
+    json.dumps(
+      {
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "chunk_shape": list(chunk["examples"].shape),
+        "chunk_spec": str(chunk["examples"].sharding.spec),
+        "shard_shape": list(chunk["examples"].addressable_shards[0].data.shape),
+        "eval_spec": str(data_parallel.put_batch(np.zeros((8, 784), np.float32)).sharding.spec),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

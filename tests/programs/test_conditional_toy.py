@@ -26,7 +26,8 @@ def test_samples_follow_the_true_density():
 
 def test_short_run_writes_picture_events_and_a_plausible_likelihood(tmp_path, capsys):
   result = conditional.train_and_evaluate(  # 15 epochs of 20 steps.
-      str(tmp_path), epochs=15, seed=0, num_train=4000, num_validation=1000, num_test=1000)
+    str(tmp_path), epochs=15, seed=0, num_train=4000, num_validation=1000, num_test=1000
+  )
   assert os.path.getsize(tmp_path / "conditional.png") > 10_000
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
   assert "test LL" in capsys.readouterr().out

@@ -17,18 +17,24 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # test_mnist.py runs the MNIST default end to end, through test.py (the default, smaller).
 RUN_END_TO_END_ELSEWHERE = {"experiments.mnist.configs.default", "experiments.mnist.configs.test"}
 CONFIG_MODULES = sorted(
-    module for module in (
-        os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-        for path in glob.glob(os.path.join(ROOT, "experiments", "*", "configs", "*.py"))
-    )
-    if not module.endswith("__init__") and module not in RUN_END_TO_END_ELSEWHERE
+  module
+  for module in (
+    os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    for path in glob.glob(os.path.join(ROOT, "experiments", "*", "configs", "*.py"))
+  )
+  if not module.endswith("__init__") and module not in RUN_END_TO_END_ELSEWHERE
 )
 
 
 def small(config, maf_release_dir):
   """The config with data and run lengths cut to a few steps (the model and optimiser kept)."""
-  config.update(batch_size=4, steps_per_call=2, num_epochs=1, eval_batch_size=8,
-                warmup_steps=min(config.warmup_steps, 2))
+  config.update(
+    batch_size=4,
+    steps_per_call=2,
+    num_epochs=1,
+    eval_batch_size=8,
+    warmup_steps=min(config.warmup_steps, 2),
+  )
   if config.data_source == "images":
     config.update(download=True, num_samples=4)
   elif config.data_source == "toy":
@@ -39,8 +45,12 @@ def small(config, maf_release_dir):
 
 
 def test_every_experiment_has_configs():
-  assert {"experiments.mnist.configs.dense2_best", "experiments.cifar10.configs.default",
-          "experiments.toy.configs.default", "experiments.tabular.configs.default"} <= set(CONFIG_MODULES)
+  assert {
+    "experiments.mnist.configs.dense2_best",
+    "experiments.cifar10.configs.default",
+    "experiments.toy.configs.default",
+    "experiments.tabular.configs.default",
+  } <= set(CONFIG_MODULES)
 
 
 @pytest.mark.parametrize("module", CONFIG_MODULES)
@@ -55,5 +65,7 @@ def test_shipped_config_builds_and_trains_a_few_steps(module, maf_release_dir, t
   assert int(state.step) == 2 and np.isfinite(float(state.loss_sum))
   metrics = evaluation.evaluate(run.eval_step, state.params, validation_y, config.eval_batch_size)
   diagnostics = evaluation.kernel_diagnostics(state.params)
-  assert len(diagnostics) == 2 * config.num_layers and all(np.isfinite(v) for v in diagnostics.values())
+  assert len(diagnostics) == 2 * config.num_layers and all(
+    np.isfinite(v) for v in diagnostics.values()
+  )
   assert np.isfinite(metrics["ll"])  # Pictures: drawn in the end-to-end tests of each source.

@@ -13,7 +13,9 @@ from experiments import images
 from experiments.mnist.configs import default
 from experiments.training import data
 
-MNIST_FILES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "mnist")
+MNIST_FILES = os.path.join(
+  os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "mnist"
+)
 LAM = 1e-6
 
 
@@ -25,7 +27,9 @@ def test_dequantize_and_logit_range_and_inverse():
   assert float(jnp.max(jnp.abs(y))) <= bound + 1e-3
   x = images.logit_to_pixels(y, LAM)
   # x = (p + u)/256 with u ∈ [0, 1): the pixel is recovered by flooring.
-  np.testing.assert_array_equal(np.floor(np.asarray(x) * 256 + 1e-3).astype(np.uint8), np.asarray(pixels))
+  np.testing.assert_array_equal(
+    np.floor(np.asarray(x) * 256 + 1e-3).astype(np.uint8), np.asarray(pixels)
+  )
   noise = np.asarray(x) * 256 - np.asarray(pixels)
   assert noise.min() > -1e-3 and noise.max() < 1 + 1e-3 and 0.4 < noise.mean() < 0.6
 
@@ -82,7 +86,9 @@ def test_train_chunks_resume_gives_the_same_later_batches(in_memory):
 def test_random_horizontal_flip_mirrors_about_half_of_the_images():
   shape = (2, 3, 2)  # H, W, C
   batch = jnp.arange(64 * 12, dtype=jnp.int32).reshape(64, 12)
-  flipped = np.asarray(images.random_horizontal_flip(batch, jax.random.PRNGKey(0), shape)).reshape(64, *shape)
+  flipped = np.asarray(images.random_horizontal_flip(batch, jax.random.PRNGKey(0), shape)).reshape(
+    64, *shape
+  )
   original = np.asarray(batch).reshape(64, *shape)
   mirrored = np.all(flipped == original[:, :, ::-1, :], axis=(1, 2, 3))
   assert np.all(mirrored | np.all(flipped == original, axis=(1, 2, 3)))
@@ -107,7 +113,8 @@ def test_real_mnist_split_sizes_and_values(real_mnist):
   test_y = data.eval_array(source, splits.test, config.seed, data.TEST_NOISE)
   assert test_y.shape == (10_000, 784)
   np.testing.assert_array_equal(
-      test_y, data.eval_array(source, splits.test, config.seed, data.TEST_NOISE))
+    test_y, data.eval_array(source, splits.test, config.seed, data.TEST_NOISE)
+  )
   # Σ 256·x = Σ pixels + Σ u: the known pixel sum (shared/datasets/mnist/README.md) plus
   # N/2 ± a few sqrt(N/12) for N uniform noise draws.
   scaled = np.asarray(images.logit_to_pixels(test_y, config.lam), np.float64) * 256

@@ -35,7 +35,9 @@ def parallel_config():
 def final_params(workdir):
   config = parallel_config()
   model, tx = steps.create_model(config), steps.create_optimizer(config, total_steps=1)
-  abstract = steps.abstract_state(model, tx, 784, config.seed, parallel.DataParallel.over_all_devices())
+  abstract = steps.abstract_state(
+    model, tx, 784, config.seed, parallel.DataParallel.over_all_devices()
+  )
   state = checkpoints.RunCheckpoints(str(workdir)).restore_latest(abstract)
   assert int(state.step) == 2 * NUM_EXAMPLES // config.batch_size
   return jax.tree_util.tree_leaves(state.params)
@@ -51,9 +53,12 @@ def single_device_params(tmp_path_factory):
 
 def launch(workdir, num_devices, *distributed):
   return subprocess.Popen(
-      [sys.executable, WORKER, str(workdir), str(num_devices), *map(str, distributed)],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "PYTHONPATH": ROOT},
+    [sys.executable, WORKER, str(workdir), str(num_devices), *map(str, distributed)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT},
   )
 
 

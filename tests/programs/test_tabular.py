@@ -60,7 +60,9 @@ def test_miniboone_and_bsds300_shapes_and_normalisation(maf_release_dir):
 
 
 def test_missing_files_name_the_path_and_the_release(tmp_path, maf_release_dir):
-  with pytest.raises(data.DatasetNotFoundError, match=r"gas/ethylene_CO\.pickle does not exist.*1161203"):
+  with pytest.raises(
+    data.DatasetNotFoundError, match=r"gas/ethylene_CO\.pickle does not exist.*1161203"
+  ):
     load("gas", str(tmp_path))
   with pytest.raises(data.DatasetNotFoundError, match="config.data_dir is empty.*1161203"):
     load("power", "")

@@ -11,7 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = base.base_config()
   config.data_source = "tabular"
   config.dataset = "power"  # power, gas, hepmass, miniboone, bsds300
-  config.data_dir = ""  # The release's data/ folder (holds power/, gas/, hepmass/, miniboone/, BSDS300/).
+  config.data_dir = (
+    ""  # The release's data/ folder (holds power/, gas/, hepmass/, miniboone/, BSDS300/).
+  )
   config.num_layers = 4
   config.alpha = 0.1
   config.kernel_init = "near_identity"
