@@ -1,5 +1,7 @@
 """RationalQuadraticSpline and FlowMLP(spline_bins=K): log-det against jacfwd, inverse, training."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,9 @@ F64 = jnp.float64
 
 def spline_and_params(num_bins=5, bound=3.0, seed=0, width=4, scale=1.0):
   spline = fr.RationalQuadraticSpline(num_bins, bound, F64)
-  params = spline.init(jax.random.PRNGKey(seed), jnp.zeros((1, width), F64), method="forward_and_log_det")
+  params = spline.init(
+    jax.random.PRNGKey(seed), jnp.zeros((1, width), F64), method="forward_and_log_det"
+  )
   return spline, perturb_params(params, seed + 1, scale)
 
 
@@ -70,7 +74,12 @@ def test_gradients_match_finite_differences(float64):
   eps = 1e-6
   shifted = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * eps * d, params, direction)
   numeric = (loss(shifted(1)) - loss(shifted(-1))) / (2 * eps)
-  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
+  analytic = sum(
+    jnp.vdot(g, d)
+    for g, d in zip(
+      jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction), strict=True
+    )
+  )
   np.testing.assert_allclose(analytic, numeric, rtol=1e-7)
 
 
@@ -83,7 +92,9 @@ def test_flow_with_splines_log_prob_inverse_and_sampling(float64):
   jacobians = jax.vmap(jax.jacfwd(lambda v: apply("__call__", v)))(x)
   z, log_det = apply("forward_and_log_det", x)
   np.testing.assert_allclose(log_det, jnp.linalg.slogdet(jacobians)[1], rtol=1e-10)
-  np.testing.assert_allclose(apply("log_prob", x), fr.standard_normal_log_prob(z) + log_det, rtol=1e-12)
+  np.testing.assert_allclose(
+    apply("log_prob", x), fr.standard_normal_log_prob(z) + log_det, rtol=1e-12
+  )
   x_again, inverse_log_det = apply("inverse_and_log_det", z)
   np.testing.assert_allclose(x_again, x, atol=1e-10)
   np.testing.assert_allclose(inverse_log_det, -log_det, rtol=1e-10)
@@ -103,7 +114,7 @@ def test_splines_learn_a_skewed_marginal():
     params = model.init(jax.random.PRNGKey(1), train)["params"]
     tx = optax.adam(1e-2)
     opt_state = tx.init(params)
-    step = jax.jit(lambda p, s, batch: fr.relative_update(model, tx, p, s, batch))
+    step = jax.jit(functools.partial(fr.relative_update, model, tx))
     for epoch in range(30):
       for batch in jnp.split(jax.random.permutation(jax.random.PRNGKey(epoch), train), 25):
         params, opt_state, _ = step(params, opt_state, batch)
@@ -112,11 +123,14 @@ def test_splines_learn_a_skewed_marginal():
   assert nlls[8] < nlls[0] - 0.1
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"num_bins": 0}, "1 <= num_bins < 1000"),
     ({"num_bins": 1000}, "1 <= num_bins < 1000"),
     ({"bound": 0.0}, "bound > 0"),
-])
+  ],
+)
 def test_bad_settings_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
     fr.RationalQuadraticSpline(**kwargs).init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
@@ -127,12 +141,17 @@ def test_bad_settings_raise(kwargs, message):
 def test_bfloat16_params_compute_in_float32():
   """bfloat16 parameters give the float32 spline of the same parameter values, rounded once
   at the end (knots computed in bfloat16 would be off by up to 0.5 on [−100, 100])."""
-  bf16, f32 = fr.RationalQuadraticSpline(8, 100.0, jnp.bfloat16), fr.RationalQuadraticSpline(8, 100.0)
+  bf16, f32 = (
+    fr.RationalQuadraticSpline(8, 100.0, jnp.bfloat16),
+    fr.RationalQuadraticSpline(8, 100.0),
+  )
   x = jnp.linspace(-99.0, 99.0, 199 * 16).reshape(199, 16)
   params = perturb_params(bf16.init(jax.random.PRNGKey(0), x, method="forward_and_log_det"), 1, 1.0)
   x = x.astype(jnp.bfloat16)
   y, log_det = bf16.apply(params, x, method="forward_and_log_det")
-  y_expected, log_det_expected = f32.apply(params, x.astype(jnp.float32), method="forward_and_log_det")
+  y_expected, log_det_expected = f32.apply(
+    params, x.astype(jnp.float32), method="forward_and_log_det"
+  )
   assert y.dtype == log_det.dtype == jnp.bfloat16
   np.testing.assert_allclose(y.astype(jnp.float32), y_expected, rtol=2**-8, atol=1e-6)
   np.testing.assert_allclose(log_det.astype(jnp.float32), log_det_expected, rtol=2**-8, atol=0.05)

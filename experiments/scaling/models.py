@@ -109,8 +109,8 @@ class Method:
 
 
 def _euclidean_step(
-    value_and_grad_fn: Callable[[PyTree, jax.Array], tuple[jax.Array, PyTree]],
-    tx: optax.GradientTransformation,
+  value_and_grad_fn: Callable[[PyTree, jax.Array], tuple[jax.Array, PyTree]],
+  tx: optax.GradientTransformation,
 ) -> StepFn:
   """One `tx` step on the Euclidean gradient from value_and_grad_fn(params, x) → (loss, grads)."""
 
@@ -140,7 +140,7 @@ def make_method(name: str, num_layers: int, alpha: float, learning_rate: float) 
 
     def loss_fn(params, x):
       z, activation_log_det = model.apply(
-          {"params": params}, x, method=fr.FlowMLP.forward_and_activation_log_det
+        {"params": params}, x, method=fr.FlowMLP.forward_and_activation_log_det
       )
       return -jnp.mean(fr.standard_normal_log_prob(z) + activation_log_det)
 

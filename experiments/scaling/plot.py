@@ -20,8 +20,11 @@ def plot(measurements: Sequence[timing.Measurement], path: pathlib.Path) -> None
   figure, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
   for axis, batch in zip(axes[0], batches, strict=True):
     for name in models.METHODS:
-      kept = sorted((m.width, m.median_s) for m in measurements
-                    if m.method == name and m.batch == batch and not m.skipped)
+      kept = sorted(
+        (m.width, m.median_s)
+        for m in measurements
+        if m.method == name and m.batch == batch and not m.skipped
+      )
       if kept:
         widths, times = zip(*kept, strict=True)
         axis.loglog(widths, times, marker="o", label=name)

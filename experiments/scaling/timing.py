@@ -120,10 +120,10 @@ def compiled_memory_bytes(compiled: Any) -> int | None:
   if stats is None:
     return None
   return int(
-      stats.argument_size_in_bytes
-      + stats.output_size_in_bytes
-      + stats.temp_size_in_bytes
-      - stats.alias_size_in_bytes
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    + stats.temp_size_in_bytes
+    - stats.alias_size_in_bytes
   )
 
 
@@ -136,7 +136,7 @@ def _compile(method: models.Method, initial_params: PyTree, x: jax.Array) -> _Ru
 
 
 def _interleaved_times(
-    runners: dict[str, _Runner], steps: dict[str, int], repetitions: int
+  runners: dict[str, _Runner], steps: dict[str, int], repetitions: int
 ) -> dict[str, list[float]]:
   """Seconds per step of each runner per repetition; the order rotates with the repetition."""
   names = list(runners)
@@ -149,11 +149,11 @@ def _interleaved_times(
 
 
 def measure_point(
-    methods: dict[str, models.Method],
-    config: BenchmarkConfig,
-    batch: int,
-    width: int,
-    predicted_s: dict[str, float],
+  methods: dict[str, models.Method],
+  config: BenchmarkConfig,
+  batch: int,
+  width: int,
+  predicted_s: dict[str, float],
 ) -> list[Measurement]:
   """Interleaved timings of every method at (B, D); skips those predicted or seen over the cap."""
   data_key, init_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -165,7 +165,9 @@ def measure_point(
       skipped[name] = f"predicted {predicted_s[name]:.3g} s > cap {config.time_cap_s:g} s"
       continue
     if method.model not in initial_params:
-      initial_params[method.model] = jax.device_get(jax.jit(method.model.init)(init_key, x)["params"])
+      initial_params[method.model] = jax.device_get(
+        jax.jit(method.model.init)(init_key, x)["params"]
+      )
     runner = _compile(method, initial_params[method.model], x)
     memory[name] = compiled_memory_bytes(runner.compiled)
     warm_up_s = runner.run(1)
@@ -179,19 +181,22 @@ def measure_point(
   for name in methods:
     if name in runners:
       runner = runners.pop(name)  # Frees the buffers before the next method is checked.
-      measurements.append(Measurement(
-          name, batch, width, tuple(times[name]), memory[name], *runner.params_health()))
+      measurements.append(
+        Measurement(name, batch, width, tuple(times[name]), memory[name], *runner.params_health())
+      )
     else:
-      measurements.append(Measurement(name, batch, width, (), memory.get(name), skip_reason=skipped[name]))
+      measurements.append(
+        Measurement(name, batch, width, (), memory.get(name), skip_reason=skipped[name])
+      )
   return measurements
 
 
-def run_benchmark(
-    config: BenchmarkConfig, log: Callable[[str], None] = print
-) -> list[Measurement]:
+def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -> list[Measurement]:
   """All measurements of the grid, D increasing within each B (see `measure_point`)."""
-  methods = {name: models.make_method(name, config.num_layers, config.alpha, config.learning_rate)
-             for name in models.METHODS}
+  methods = {
+    name: models.make_method(name, config.num_layers, config.alpha, config.learning_rate)
+    for name in models.METHODS
+  }
   measurements = []
   for batch in config.batch_sizes:
     last: dict[str, Measurement] = {}
@@ -217,14 +222,20 @@ def _describe(m: Measurement) -> str:
   where = f"B={m.batch:<4d} D={m.width:<5d} {m.method:<8s}"
   if m.skipped:
     return f"{where} skipped: {m.skip_reason}"
-  health = "" if m.params_finite and m.params_changed else " WARNING: params non-finite or unchanged"
-  return (f"{where} {1e3 * m.median_s:10.3f} ms/step (min {1e3 * min(m.times_s):.3f}, "
-          f"max {1e3 * max(m.times_s):.3f}){health}")
+  health = (
+    "" if m.params_finite and m.params_changed else " WARNING: params non-finite or unchanged"
+  )
+  return (
+    f"{where} {1e3 * m.median_s:10.3f} ms/step (min {1e3 * min(m.times_s):.3f}, "
+    f"max {1e3 * max(m.times_s):.3f}){health}"
+  )
 
 
 def device_label() -> str:
   """E.g. 'cpu (cpu), 2 CPU cores, jax 0.10.2, OPENBLAS_NUM_THREADS=1'."""
   device = jax.devices()[0]
   openblas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
-  return (f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores, "
-          f"jax {jax.__version__}, OPENBLAS_NUM_THREADS={openblas_threads}")
+  return (
+    f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores, "
+    f"jax {jax.__version__}, OPENBLAS_NUM_THREADS={openblas_threads}"
+  )

@@ -73,13 +73,13 @@ def _trimodal(n, rng):
 
 
 DENSITIES = {
-    "sine": (_sine, (-3.0, 3.0)),
-    "moons": (_moons, (-1.5, 2.5)),
-    "2spirals": (_two_spirals, (-4.0, 4.0)),
-    "checkerboard": (_checkerboard, (-4.5, 4.5)),
-    "rings": (_rings, (-4.0, 4.0)),
-    "8gaussians": (_eight_gaussians, (-4.0, 4.0)),
-    "trimodal": (_trimodal, (-7.0, 7.0)),
+  "sine": (_sine, (-3.0, 3.0)),
+  "moons": (_moons, (-1.5, 2.5)),
+  "2spirals": (_two_spirals, (-4.0, 4.0)),
+  "checkerboard": (_checkerboard, (-4.5, 4.5)),
+  "rings": (_rings, (-4.0, 4.0)),
+  "8gaussians": (_eight_gaussians, (-4.0, 4.0)),
+  "trimodal": (_trimodal, (-7.0, 7.0)),
 }
 """name → (sampler (n, rng) → (n, 2), the square plotting range [lo, hi]²)."""
 
@@ -87,12 +87,18 @@ DENSITIES = {
 def sample_2d(name: str, num_points: int, rng: np.random.Generator) -> np.ndarray:
   """num_points draws (num_points, 2) float64 of the 2-D density `name`."""
   if name not in DENSITIES:
-    raise ValueError(f"config.dataset={name!r} is not one of the 2-D densities {sorted(DENSITIES)}.")
+    raise ValueError(
+      f"config.dataset={name!r} is not one of the 2-D densities {sorted(DENSITIES)}."
+    )
   return DENSITIES[name][0](num_points, rng)
 
 
-def draw_panels(data_points: np.ndarray, density: np.ndarray, model_points: np.ndarray,
-                plot_range: tuple[float, float]) -> np.ndarray:
+def draw_panels(
+  data_points: np.ndarray,
+  density: np.ndarray,
+  model_points: np.ndarray,
+  plot_range: tuple[float, float],
+) -> np.ndarray:
   """Three panels side by side → RGBA pixels (H, W, 4) in [0, 1].
 
   `density` (G, G) holds p on a G×G grid over plot_range², rows along the second coordinate.
@@ -100,8 +106,9 @@ def draw_panels(data_points: np.ndarray, density: np.ndarray, model_points: np.n
   figure = mpl_figure.Figure(figsize=(12, 4), dpi=80)
   canvas = backend_agg.FigureCanvasAgg(figure)
   bins = np.linspace(*plot_range, 100)
-  for index, (title, points) in enumerate([("data", data_points), ("model density", None),
-                                           ("model samples", model_points)]):
+  for index, (title, points) in enumerate(
+    [("data", data_points), ("model density", None), ("model samples", model_points)]
+  ):
     axes = figure.add_subplot(1, 3, index + 1)
     if points is None:
       axes.imshow(density, origin="lower", extent=(*plot_range, *plot_range), cmap="viridis")
@@ -130,11 +137,11 @@ class ToySource(data.ArraySource):
       raise ValueError(f"config.num_train, num_validation and num_test must be >= 2, got {sizes}.")
     self.name = config.dataset
     train, validation, test = (
-        sample_2d(config.dataset, size, np.random.default_rng([config.seed, stream]))
-        for stream, size in enumerate(sizes))
+      sample_2d(config.dataset, size, np.random.default_rng([config.seed, stream]))
+      for stream, size in enumerate(sizes)
+    )
     self.validation_points = validation
     self.splits = data.arrays_to_splits(train, validation, test)
-
 
   def make_picture(self, model: fr.FlowMLP) -> data.Picture:
     plot_range = DENSITIES[self.name][1]

@@ -64,43 +64,59 @@ class SplineMethods:
 
 def check_spline_settings(num_bins: int, bound: float) -> None:
   if not 1 <= num_bins < 1 / MIN_BIN_FRACTION:
-    raise ValueError(f"RationalQuadraticSpline needs 1 <= num_bins < {1 / MIN_BIN_FRACTION:.0f}, got {num_bins}.")
+    raise ValueError(
+      f"RationalQuadraticSpline needs 1 <= num_bins < {1 / MIN_BIN_FRACTION:.0f}, got {num_bins}."
+    )
   if not bound > 0:
     raise ValueError(f"RationalQuadraticSpline needs bound > 0, got {bound}.")
 
 
-def spline_knots(widths: jax.Array, heights: jax.Array, derivatives: jax.Array, bound: float) -> Knots:
+def spline_knots(
+  widths: jax.Array, heights: jax.Array, derivatives: jax.Array, bound: float
+) -> Knots:
   """The knots from the raw parameters: `widths`, `heights` (D, K), `derivatives` (D, K − 1).
 
   Computed in at least float32: in bfloat16 the cumulative sums would misplace the knots by
   up to half of bfloat16's spacing (0.25 near 64).
   """
   dtype = jnp.promote_types(widths.dtype, jnp.float32)
-  widths, heights, derivatives = widths.astype(dtype), heights.astype(dtype), derivatives.astype(dtype)
+  widths, heights, derivatives = (
+    widths.astype(dtype),
+    heights.astype(dtype),
+    derivatives.astype(dtype),
+  )
   shift = math.log(math.expm1(1.0 - MIN_DERIVATIVE))  # softplus(shift) + MIN_DERIVATIVE = 1
   interior = MIN_DERIVATIVE + jax.nn.softplus(derivatives + shift)
   ones = jnp.ones((widths.shape[0], 1), interior.dtype)
-  return (_cumulative(widths, bound), _cumulative(heights, bound),
-          jnp.concatenate([ones, interior, ones], axis=-1))
+  return (
+    _cumulative(widths, bound),
+    _cumulative(heights, bound),
+    jnp.concatenate([ones, interior, ones], axis=-1),
+  )
 
 
 def _cumulative(logits: jax.Array, bound: float) -> jax.Array:
   """Knots −B = k_0 < k_1 < ... < k_K = B from bin logits (D, K)."""
   num_bins = logits.shape[-1]
-  fractions = MIN_BIN_FRACTION + (1.0 - MIN_BIN_FRACTION * num_bins) * jax.nn.softmax(logits, axis=-1)
+  fractions = MIN_BIN_FRACTION + (1.0 - MIN_BIN_FRACTION * num_bins) * jax.nn.softmax(
+    logits, axis=-1
+  )
   inner = -bound + 2.0 * bound * jnp.cumsum(fractions[:, :-1], axis=-1)
   edge = jnp.full((logits.shape[0], 1), bound, inner.dtype)
   return jnp.concatenate([-edge, inner, edge], axis=-1)
 
 
-def spline_forward_and_log_det(knots: Knots, bound: float, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def spline_forward_and_log_det(
+  knots: Knots, bound: float, x: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """s(x) (..., D) and Σ_i log s_i'(x_i), shape (...), of the splines with these knots.
 
   Computed in the knots' dtype (at least float32), returned in x's.
   """
   knots_x, knots_y, derivatives = knots
   inside = jnp.abs(x) < bound
-  t = jnp.where(inside, x, 0.0).astype(knots_x.dtype)  # out-of-range values take the identity branch below
+  # Out-of-range values take the identity branch below.
+  t = jnp.where(inside, x, 0.0).astype(knots_x.dtype)
   x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_one_hot(knots_x, t))
   slope = h / w
   xi = (t - x_k) / w
@@ -145,7 +161,14 @@ def _bin_params(knots_x, knots_y, derivatives, one_hot):
   """(x_k, w, y_k, h, d_k, d_{k+1}) of each element's bin, each shaped (..., D)."""
 
   def at(table, offset):
-    return (one_hot * table[..., offset:offset + one_hot.shape[-1]]).sum(-1)
+    return (one_hot * table[..., offset : offset + one_hot.shape[-1]]).sum(-1)
 
   x_k, y_k = at(knots_x, 0), at(knots_y, 0)
-  return x_k, at(knots_x, 1) - x_k, y_k, at(knots_y, 1) - y_k, at(derivatives, 0), at(derivatives, 1)
+  return (
+    x_k,
+    at(knots_x, 1) - x_k,
+    y_k,
+    at(knots_y, 1) - y_k,
+    at(derivatives, 0),
+    at(derivatives, 1),
+  )
