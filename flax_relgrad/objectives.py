@@ -168,7 +168,7 @@ def value_grad_and_relative_args(
         "Pass the model's other collections as model_state={'batch_stats': ...} (and "
         "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
       ) from error
-    except jax.errors.UnexpectedTracerError as error:
+    except _LEAKED_TRACER as error:
       raise ValueError(RAW_TRANSFORM) from error
     except (IndexError, ValueError) as error:
       if not _looks_like_lifted_axes(error):
@@ -187,13 +187,19 @@ def value_grad_and_relative_args(
       (_, (output, new_state, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
         loss_and_state, argnums=(0, 1), has_aux=True
       )(params, placeholders)
-    except jax.errors.UnexpectedTracerError as error:
+      # A flow applied in a raw transform may sow a tracer of that (finished) transform
+      # without an error; using it raises one here rather than in the rewrite.
+      preactivations = jax.tree_util.tree_map(lambda p: p + jnp.zeros((), p.dtype), preactivations)
+    except _LEAKED_TRACER as error:
       raise ValueError(RAW_TRANSFORM) from error
     value = (output, new_state) if mutable else output
     return value, grads, RelativeArgs(preactivations, perturbation_grads)
 
   return value_grad_and_args_fn
 
+
+# What a flow applied inside a raw JAX transform raises (older Flax: JaxTransformError).
+_LEAKED_TRACER = (jax.errors.UnexpectedTracerError, flax.errors.JaxTransformError)
 
 RAW_TRANSFORM = (
   "value_and_relative_grad: a flow layer leaked a traced value out of a JAX transform: the loss "

@@ -37,7 +37,9 @@ MISSING_ARGS = (
   "relative_jacobian() needs relative_args: call tx.update(grads, opt_state, params, "
   "relative_args=relative_args) with the three outputs of fr.value_grad_and_relative_args "
   "(value, grads, relative_args). Flax's TrainState.apply_gradients cannot pass them: use "
-  "fr.value_and_relative_grad and a plain optimizer there (its grads are already relative)."
+  "fr.value_and_relative_grad and a plain optimizer there (its grads are already relative). "
+  "If you pass them, a wrapper around relative_jacobian() dropped them (older optax.MultiSteps "
+  "does): put it outside, optax.chain(fr.relative_jacobian(), optax.MultiSteps(...))."
 )
 
 MISMATCH = (

@@ -393,12 +393,16 @@ def test_unclear_transform_errors_become_clear():
   that say what to do instead of Flax's UnexpectedTracerError and "axis 1 is out of bounds"."""
 
   class RawScan(nn.Module):
-    @nn.compact
+    def setup(self):
+      self.flow = fr.FlowMLP(1)
+
     def log_prob(self, x):
-      flow = fr.FlowMLP(1)
-      return jax.lax.scan(lambda c, x_t: (c, flow.log_prob(x_t)), 0.0, jnp.swapaxes(x, 0, 1))[
+      return jax.lax.scan(lambda c, x_t: (c, self.flow.log_prob(x_t)), 0.0, jnp.swapaxes(x, 0, 1))[
         1
       ].sum(0)
+
+    def first_step_log_prob(self, x):  # Initialised outside the scan (older Flax refuses it).
+      return self.flow.log_prob(x[:, 0])
 
   axis_one = nn.vmap(
     fr.FlowMLP,
@@ -408,10 +412,10 @@ def test_unclear_transform_errors_become_clear():
     axis_size=2,
     methods=["log_prob"],
   )
-  for model, x, message in (
-    (RawScan(), jnp.ones((4, 3, 2)), "inside a raw jax.lax.scan"),
-    (axis_one(1), jnp.ones((4, 2)), "'perturbations' on axis 0"),
+  for model, x, init_method, message in (
+    (RawScan(), jnp.ones((4, 3, 2)), "first_step_log_prob", "inside a raw jax.lax.scan"),
+    (axis_one(1), jnp.ones((4, 2)), "log_prob", "'perturbations' on axis 0"),
   ):
-    params = model.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
+    params = model.init(jax.random.PRNGKey(0), x, method=init_method)["params"]
     with pytest.raises(ValueError, match=message):
       fr.value_and_relative_grad(model, mean_nll)(params, x)
