@@ -19,10 +19,12 @@ examples::
 How the relative gradient is obtained. `value_and_relative_grad` differentiates the loss
 with respect to the model's `nnx.Param`s and to zero perturbations of every flow layer's
 pre-activation y (δ = ∂loss/∂y) and of its log|det W| (λ = ∂loss/∂log|det W|). The
-perturbations, and the recorded y, live only for the duration of that call, in a context
-the `FlowDense` layers read; nothing is stored in the module (no `nnx.Intermediate`, no
-`nnx.Perturbation`), so no state can go stale between calls or collide with what the model
-sows, and every call builds them for its own batch (any batch size, jit-compatible). The
+perturbations, and the recorded y, live only for the duration of that call, as temporary
+state of each `FlowDense` (`_RelativePassState`) removed when the call ends: nothing stays in
+the module, so no state can go stale between calls or collide with what the model sows, and
+every call builds them for its own batch (any batch size, jit-compatible). Being module
+state, they follow the layers through `nnx.vmap`: flows stacked on axis 0 (kernels
+(E, D, D)) each get their own exact update. The
 per-layer maths is `flax_relgrad.relative`, shared with the Linen API.
 
 This module is not imported by `import flax_relgrad`: `flax.nnx` adds about 0.3 s to the
@@ -88,44 +90,104 @@ DEFAULT_ACTIVATION = SmoothLeakyReLU()
 """The default activation, SmoothLeakyReLU(alpha=0.01)."""
 
 
+class _RelativePassState(nnx.Variable):
+  """A FlowDense's state during one relative-gradient pass (its perturbations and recorded
+  pre-activations), removed when the pass ends. As module state it follows the layer through
+  `nnx.vmap`: layers stacked on axis 0 see their own slice, and what they record comes back
+  stacked."""
+
+
+_PATH = "_relative_path"  # Static attribute: the layer's path in the model passed.
+_PERTURBATIONS = "_relative_perturbations"  # (zero y-shaped perturbation per call,)
+_LOG_ABS_DET = "_relative_log_abs_det"  # The log|det W| placeholder, shape: the stack's.
+_PREACTIVATIONS = "_relative_preactivations"  # (y per call,), written by the layer.
+
+
 class _RelativePass:
   """What the flow layers read and record during one `value_and_relative_grad` call.
 
+  Every FlowDense of the model gets its path as a static attribute and, in the gradient
+  pass, its perturbations as `_RelativePassState` (shapes with the stack's leading axes for
+  layers stacked by `nnx.vmap`), all removed on exit.
+
   Attributes:
-    paths: {id of a FlowDense of the model: its path in the model's state}.
-    perturbations: {path: {PREACTIVATION: (zero (..., D) per call), LOG_ABS_DET: scalar}},
-      or None in the shape-only discovery pass.
-    preactivations: {path: [y per call]}, filled by the layers.
+    layers: {path: FlowDense} of the model.
+    perturbations: {path: {PREACTIVATION: (zeros per call), LOG_ABS_DET: placeholder}}, or
+      None in the shape-only discovery pass.
+    calls: {path: the number of times the layer was applied so far in this pass}.
+    shapes: {path: [ShapeDtypeStruct of y per call]}, the stack's axes in front (discovery).
     log_det_layers: paths of the layers whose log|det W| the loss used.
+    stack_shapes: {path: the leading axes of the layer's kernel, () unless stacked}.
   """
 
   def __init__(self, model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None):
-    self.paths = {id(m): path for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
+    self.layers = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
     self.perturbations = perturbations
-    self.preactivations: dict[Path, list[jax.Array]] = {}
+    self.calls: dict[Path, int] = {}
+    self.shapes: dict[Path, list[jax.ShapeDtypeStruct]] = {}
     self.log_det_layers: set[Path] = set()
+    self.stack_shapes = {path: layer.kernel.shape[:-2] for path, layer in self.layers.items()}
+
+  def attach(self) -> None:
+    for path, layer in self.layers.items():
+      setattr(layer, _PATH, path)
+      layer_perturbations = (self.perturbations or {}).get(path, {})
+      if PREACTIVATION in layer_perturbations:
+        calls = tuple(layer_perturbations[PREACTIVATION])
+        setattr(layer, _PERTURBATIONS, _RelativePassState(calls))
+        setattr(layer, _PREACTIVATIONS, _RelativePassState(calls))
+      if LOG_ABS_DET in layer_perturbations:
+        setattr(layer, _LOG_ABS_DET, _RelativePassState(layer_perturbations[LOG_ABS_DET]))
+
+  def detach(self) -> None:
+    for layer in self.layers.values():
+      for name in (_PATH, _PERTURBATIONS, _PREACTIVATIONS, _LOG_ABS_DET):
+        if hasattr(layer, name):
+          delattr(layer, name)
+
+  def recorded_preactivations(self) -> dict[Path, tuple[jax.Array, ...]]:
+    """{path: (y per call,)} as the model holds them (a stack's axes in front)."""
+    return {
+      path: getattr(layer, _PREACTIVATIONS).get_value()
+      for path, layer in self.layers.items()
+      if hasattr(layer, _PREACTIVATIONS)
+    }
 
   def path(self, layer: FlowDense) -> Path:
-    if id(layer) not in self.paths:
+    path = getattr(layer, _PATH, None)
+    if path is None:
       raise ValueError(
         "flax_relgrad.nnx.value_and_relative_grad: the loss applies a FlowDense that is not "
-        "an attribute of the model passed (created in the loss, captured from outside, or "
-        "inside nnx.vmap/nnx.scan, which the NNX relative gradient does not support)."
+        "an attribute of the model passed (created in the loss, or captured from outside)."
       )
-    return self.paths[id(layer)]
+    return path
 
   def preactivation(self, layer: FlowDense, y: jax.Array) -> jax.Array:
     path = self.path(layer)
-    calls = self.preactivations.setdefault(path, [])
-    calls.append(y)
+    call = self.calls.get(path, 0)
+    self.calls[path] = call + 1
     if self.perturbations is None:
+      outer_kernel = self.stack_shapes[path] + layer.kernel.shape[-2:]
+      if layer.kernel.shape != (y.shape[-1],) * 2 or self.layers[path].kernel.shape != outer_kernel:
+        raise ValueError(
+          f"FlowDense '{_name(path)}' is stacked by nnx.vmap on another axis than 0 (its kernel "
+          f"is {self.layers[path].kernel.shape} in the model, {layer.kernel.shape} where it is "
+          "applied): stack flows on axis 0 (in_axes=0 and out_axes=0 for the module)."
+        )
+      shape = self.stack_shapes[path] + y.shape
+      self.shapes.setdefault(path, []).append(jax.ShapeDtypeStruct(shape, y.dtype))
       return y
-    perturbation = self.perturbations[path][PREACTIVATION][len(calls) - 1]
+    perturbation = getattr(layer, _PERTURBATIONS).get_value()[call]
     if perturbation.shape != y.shape:
       raise ValueError(
-        f"FlowDense '{_name(path)}' (call {len(calls)}): the loss maps another shape {y.shape} "
-        f"than in the discovery pass {perturbation.shape}; it must be a pure function of its args."
+        f"FlowDense '{_name(path)}' (call {call + 1}) maps y of shape {y.shape}, but its "
+        f"relative-gradient perturbation has shape {perturbation.shape}. Either the loss is not "
+        "a pure function of its args (it maps another shape than in the discovery pass), or "
+        "the layer is stacked by nnx.vmap on another axis than 0: stack flows on axis 0 "
+        "(in_axes=0 for the module, all of its state)."
       )
+    recorded = getattr(layer, _PREACTIVATIONS)
+    recorded.set_value(recorded.get_value()[:call] + (y,) + recorded.get_value()[call + 1 :])
     return y + perturbation
 
   def log_abs_det(self, layer: FlowDense) -> jax.Array:
@@ -133,7 +195,7 @@ class _RelativePass:
     self.log_det_layers.add(path)
     if self.perturbations is None:
       return jnp.zeros((), factorisation_dtype(layer.kernel.dtype))
-    return self.perturbations[path][LOG_ABS_DET]
+    return getattr(layer, _LOG_ABS_DET).get_value()
 
 
 _ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar(
@@ -146,11 +208,13 @@ def _relative_pass(
   model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None
 ) -> Iterator[_RelativePass]:
   tracker = _RelativePass(model, perturbations)
+  tracker.attach()
   token = _ACTIVE.set(tracker)
   try:
     yield tracker
   finally:
     _ACTIVE.reset(token)
+    tracker.detach()
 
 
 def _name(path: Path) -> str:
@@ -513,17 +577,31 @@ def value_grad_and_relative_args(
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
       with _relative_pass(model, _by_layer(perturbations)) as tracker:
         output = loss_fn(model, *args, **kwargs)
+        recorded = tracker.recorded_preactivations()
       loss = output[0] if has_aux else output
       _check_scalar_loss(loss)
-      calls = {path + (PREACTIVATION,): tuple(ys) for path, ys in tracker.preactivations.items()}
+      calls = {path + (PREACTIVATION,): ys for path, ys in recorded.items()}
       return loss, (output, flax.traverse_util.unflatten_dict(calls))
 
-    (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
-      loss_and_preactivations, argnums=(0, 1), has_aux=True
-    )(model, placeholders, *args, **kwargs)
+    try:
+      (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
+        loss_and_preactivations, argnums=(0, 1), has_aux=True
+      )(model, placeholders, *args, **kwargs)
+    except ValueError as error:
+      if _PREACTIVATIONS not in str(error):
+        raise
+      raise ValueError(BROADCAST_UNDER_VMAP) from error
     return output, grads, RelativeArgs(preactivations, perturbation_grads)
 
   return value_grad_and_args_fn
+
+
+BROADCAST_UNDER_VMAP = (
+  "flax_relgrad.nnx.value_and_relative_grad: a flow layer is applied inside nnx.vmap with its "
+  "state broadcast (in_axes=None for the module), where its pre-activations differ per index "
+  "but its state cannot. Apply the flow outside the vmap (on all the vectors at once: it maps "
+  "the last axis of any (..., D) input), or stack one flow per index (in_axes=0)."
+)
 
 
 def _discover(
@@ -540,15 +618,16 @@ def _discover(
     model = nnx.merge(graphdef, state)
     with _relative_pass(model, None) as tracker:
       loss_fn(model, *args, **kwargs)
-    found["log_det_layers"] = tracker.log_det_layers
-    found["order"] = list(tracker.preactivations)
-    return [tuple(tracker.preactivations[path]) for path in found["order"]]
+    found["tracker"] = tracker
 
-  calls = jax.eval_shape(shapes, state)
-  flat = {path + (PREACTIVATION,): ys for path, ys in zip(found["order"], calls, strict=True)}
-  for path in found["log_det_layers"]:
-    flat[path + (LOG_ABS_DET,)] = jax.ShapeDtypeStruct((), jnp.float32)
-  return flax.traverse_util.unflatten_dict(flat), set(found["order"])
+  jax.eval_shape(shapes, state)
+  tracker = found["tracker"]
+  flat: dict[Path, Any] = {
+    path + (PREACTIVATION,): tuple(ys) for path, ys in tracker.shapes.items()
+  }
+  for path in tracker.log_det_layers:
+    flat[path + (LOG_ABS_DET,)] = jax.ShapeDtypeStruct(tracker.stack_shapes[path], jnp.float32)
+  return flax.traverse_util.unflatten_dict(flat), set(tracker.shapes)
 
 
 def _by_layer(tree: PyTree) -> dict[Path, dict[str, Any]]:

@@ -24,6 +24,7 @@ EXPECTED_OUTPUT = [
   "relative_jacobian path: exact NLL ",
   "reverse KL(q ‖ p) ≈ ",
   "samples (2, 5, 8)",
+  "ensemble kernel grads (4, 8, 8)",
 ]
 
 
