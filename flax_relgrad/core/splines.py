@@ -117,16 +117,93 @@ def spline_forward_and_log_det(
   inside = jnp.abs(x) < bound
   # Out-of-range values take the identity branch below.
   t = jnp.where(inside, x, 0.0).astype(knots_x.dtype)
-  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_one_hot(knots_x, t))
-  slope = h / w
-  xi = (t - x_k) / w
-  xi_1m = xi * (1.0 - xi)
-  denominator = slope + (d_k + d_k1 - 2.0 * slope) * xi_1m
-  y = y_k + h * (slope * xi * xi + d_k * xi_1m) / denominator
-  numerator = d_k1 * xi * xi + 2.0 * slope * xi_1m + d_k * jnp.square(1.0 - xi)
-  log_derivative = 2.0 * jnp.log(slope) + jnp.log(numerator) - 2.0 * jnp.log(denominator)
+  y, log_derivative = _rational_quadratic(
+    t, *_bin_params(knots_x, knots_y, derivatives, _bin_index(knots_x, t))
+  )
   log_det = jnp.where(inside, log_derivative, 0.0).sum(-1)
   return jnp.where(inside, y.astype(x.dtype), x), log_det.astype(x.dtype)
+
+
+@jax.custom_jvp
+def _rational_quadratic(
+  t: jax.Array,
+  x_k: jax.Array,
+  w: jax.Array,
+  y_k: jax.Array,
+  h: jax.Array,
+  d_k: jax.Array,
+  d_k1: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """s(t) and log s'(t) on each element's bin (all arrays (..., D)); see the module docstring.
+
+  Its derivative rule (`_rational_quadratic_jvp`) is written out in closed form from the
+  forward pass's terms: autodiff of these lines keeps about thirty intermediate arrays, and
+  the training step with 8-bin splines took about a tenth longer with it
+  (`python -m experiments.scaling.splines`, D = 784, B = 100, 8 layers, CPU).
+  """
+  return _rational_quadratic_terms(t, x_k, w, y_k, h, d_k, d_k1)[:2]
+
+
+def _rational_quadratic_terms(t, x_k, w, y_k, h, d_k, d_k1):
+  """(y, L = log s'(t), m, ξ, q, M, 1 / Den, R) in the notation of `_rational_quadratic_jvp`."""
+  slope = h / w
+  xi = (t - x_k) / w
+  q = xi * (1.0 - xi)
+  inverse_denominator = 1.0 / (slope + (d_k + d_k1 - 2.0 * slope) * q)
+  ratio = (slope * xi * xi + d_k * q) * inverse_denominator
+  numerator = d_k1 * xi * xi + 2.0 * slope * q + d_k * jnp.square(1.0 - xi)
+  y = y_k + h * ratio
+  log_derivative = jnp.log(jnp.square(slope * inverse_denominator) * numerator)
+  return y, log_derivative, slope, xi, q, numerator, inverse_denominator, ratio
+
+
+@_rational_quadratic.defjvp
+def _rational_quadratic_jvp(primals, tangents):
+  """With m = h / w, ξ = (t − x_k) / w, q = ξ(1 − ξ), Den = m + (d_k + d_{k+1} − 2m) q,
+  R = (m ξ² + d_k q) / Den, M = d_{k+1} ξ² + 2m q + d_k (1 − ξ)², y = y_k + h R and
+  L = log s' = log(m² M / Den²):
+
+      ∂R/∂ξ = m M / Den²            ∂R/∂m = (ξ² − R (1 − 2q)) / Den
+      ∂R/∂d_k = q (1 − R) / Den     ∂R/∂d_{k+1} = −q R / Den
+      ∂L/∂ξ = M_ξ / M − 2 (d_k + d_{k+1} − 2m)(1 − 2ξ) / Den,
+              M_ξ = 2 d_{k+1} ξ + 2m (1 − 2ξ) − 2 d_k (1 − ξ)
+      ∂L/∂m = 2/m + 2q/M − 2 (1 − 2q) / Den
+      ∂L/∂d_k = (1 − ξ)² / M − 2q / Den     ∂L/∂d_{k+1} = ξ² / M − 2q / Den
+
+  and dξ = (dt − dx_k − ξ dw) / w, dm = (dh − m dw) / w.
+  """
+  t, x_k, w, y_k, h, d_k, d_k1 = primals
+  dt, dx_k, dw, dy_k, dh, dd_k, dd_k1 = tangents
+  y, log_derivative, slope, xi, q, numerator, inverse_den, ratio = _rational_quadratic_terms(
+    *primals
+  )
+  inverse_w = 1.0 / w
+  inverse_numerator = 1.0 / numerator
+  d_xi = (dt - dx_k - xi * dw) * inverse_w
+  d_slope = (dh - slope * dw) * inverse_w
+  one_minus_2q = 1.0 - 2.0 * q
+  two_q_over_den = 2.0 * q * inverse_den
+  dy = (
+    dy_k
+    + ratio * dh
+    + h
+    * inverse_den
+    * (
+      slope * numerator * inverse_den * d_xi
+      + (xi * xi - ratio * one_minus_2q) * d_slope
+      + q * (1.0 - ratio) * dd_k
+      - q * ratio * dd_k1
+    )
+  )
+  numerator_xi = 2.0 * (d_k1 * xi + slope * (1.0 - 2.0 * xi) - d_k * (1.0 - xi))
+  curvature = d_k + d_k1 - 2.0 * slope
+  d_log_derivative = (
+    (numerator_xi * inverse_numerator - 2.0 * curvature * (1.0 - 2.0 * xi) * inverse_den) * d_xi
+    + (2.0 / slope + 2.0 * q * inverse_numerator - 2.0 * one_minus_2q * inverse_den) * d_slope
+    + (jnp.square(1.0 - xi) * inverse_numerator - two_q_over_den) * dd_k
+    + (xi * xi * inverse_numerator - two_q_over_den) * dd_k1
+  )
+  return (y, log_derivative), (dy, d_log_derivative)
 
 
 def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
@@ -134,7 +211,7 @@ def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
   knots_x, knots_y, derivatives = knots
   inside = jnp.abs(y) < bound
   t = jnp.where(inside, y, 0.0).astype(knots_x.dtype)
-  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_one_hot(knots_y, t))
+  x_k, w, y_k, h, d_k, d_k1 = _bin_params(knots_x, knots_y, derivatives, _bin_index(knots_y, t))
   slope = h / w
   offset = t - y_k
   curvature = d_k + d_k1 - 2.0 * slope
@@ -146,22 +223,26 @@ def spline_inverse(knots: Knots, bound: float, y: jax.Array) -> jax.Array:
   return jnp.where(inside, (x_k + xi * w).astype(y.dtype), y)
 
 
-def _bin_one_hot(knots: jax.Array, t: jax.Array) -> jax.Array:
-  """One-hot (..., D, K) of the bin [knots_k, knots_{k+1}) holding each t (..., D).
+def _bin_index(knots: jax.Array, t: jax.Array) -> jax.Array:
+  """The index k (..., D) of the bin [knots_k, knots_{k+1}) holding each t (..., D), for
+  knots (D, K + 1); t below the first interior knot is in bin 0, above the last in bin K − 1."""
+  return (t[..., None] >= knots[..., 1:-1]).sum(-1)
 
-  Selecting with a one-hot product (rather than an index and a gather) makes the gradient
-  with respect to the knots a dense product instead of a scatter.
+
+def _bin_params(
+  knots_x: jax.Array, knots_y: jax.Array, derivatives: jax.Array, index: jax.Array
+) -> tuple[jax.Array, ...]:
+  """(x_k, w, y_k, h, d_k, d_{k+1}) of each element's bin k = index (..., D), each (..., D).
+
+  Each is a gather of B·D values from a flattened (D·(K + 1)) table, whose gradient is a
+  scatter-add of B·D values: O(B·D) work, where selecting with a one-hot (..., D, K) product
+  would cost O(B·D·K) per table, forward and backward (about three times as long at K = 8).
   """
-  num_bins = knots.shape[-1] - 1
-  index = (t[..., None] >= knots[..., 1:-1]).sum(-1)
-  return jax.nn.one_hot(index, num_bins, dtype=t.dtype)
+  width, num_knots = knots_x.shape
+  rows = index + num_knots * jnp.arange(width)
 
-
-def _bin_params(knots_x, knots_y, derivatives, one_hot):
-  """(x_k, w, y_k, h, d_k, d_{k+1}) of each element's bin, each shaped (..., D)."""
-
-  def at(table, offset):
-    return (one_hot * table[..., offset : offset + one_hot.shape[-1]]).sum(-1)
+  def at(table: jax.Array, offset: int) -> jax.Array:
+    return jnp.take(table.reshape(-1), rows + offset, mode="clip")  # Always in bounds.
 
   x_k, y_k = at(knots_x, 0), at(knots_y, 0)
   return (

@@ -16,6 +16,24 @@ def test_step_time_benchmark_runs(capsys):
   assert "ratio nnx / linen = " in output and "ratio nnx_cached / linen = " in output
 
 
+def test_spline_cost_benchmark_runs(capsys):
+  from experiments.scaling import splines  # pylint: disable=g-import-not-at-top
+
+  splines.main(
+    ["splines", "--width=6", "--batch=3", "--num_layers=2", "--bins=3", "--repetitions=1"]
+  )
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  names = [row.split(" | ")[0].strip("| ") for row in rows[1:]]
+  assert names == [
+    "step without splines",
+    "step with splines",
+    "dense z W + b",
+    "activation",
+    "spline",
+  ]
+  assert all(float(row.split(" | ")[1]) > 0 for row in rows[1:])
+
+
 def test_reverse_kl_program_runs(tmp_path, capsys):
   from experiments.toy import reverse_kl  # pylint: disable=g-import-not-at-top
 

@@ -1,0 +1,142 @@
+"""What learned splines add to a training step, and where the time goes.
+
+    python -m experiments.scaling.splines
+    python -m experiments.scaling.splines --width=784 --batch=100 --num_layers=8 --bins=8
+
+Times, side by side in one process (interleaved repetitions, medians), one jitted training
+step (`fr.relative_update` + Adam) of a `FlowMLP` without splines and the same flow with a
+`spline_bins`-bin `RationalQuadraticSpline` before every dense layer, and, for the breakdown,
+the forward pass and gradient of each part of one layer on the same (B, D) batch: the dense
+map z W + b, the activation with its log-derivative, and the spline with its log-derivative.
+The arithmetic sets what the splines should cost: a dense layer is O(B·D²) (2·B·D² flops
+forward, twice that backward), a spline O(B·D·K) in elementwise work, so at D = 784 and
+K = 8 a spline is a few percent of a dense layer.
+
+OpenBLAS is limited to one thread unless OPENBLAS_NUM_THREADS is set (by importing
+`experiments`, see its docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import functools
+import statistics
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
+
+import flax_relgrad as fr
+
+FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
+"""absl's global flags when run, its own when imported (see experiments/scaling/__main__.py)."""
+flags.DEFINE_integer("width", 784, "D.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 100, "B.", flag_values=FLAGS)
+flags.DEFINE_integer("num_layers", 8, "L, dense layers per flow.", flag_values=FLAGS)
+flags.DEFINE_integer("bins", 8, "K, spline bins.", flag_values=FLAGS)
+flags.DEFINE_float("bound", 14.0, "The splines' interval [−B, B].", flag_values=FLAGS)
+flags.DEFINE_integer("repetitions", 9, "Interleaved repetitions.", flag_values=FLAGS)
+flags.DEFINE_float(
+  "min_repetition_s", 0.2, "Each repetition runs calls for about this long.", flag_values=FLAGS
+)
+
+Timed = Callable[[], Any]
+
+
+def training_step(model: fr.FlowMLP, x: jax.Array, learning_rate: float = 1e-4) -> Timed:
+  """One relative-gradient Adam step of `model` on x, jitted, params donated (as in training)."""
+  params = model.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
+  tx = optax.adam(learning_rate)
+  state = {"params": params, "opt_state": tx.init(params)}
+  step = jax.jit(functools.partial(fr.relative_update, model, tx), donate_argnums=(0, 1))
+
+  def run():
+    state["params"], state["opt_state"], loss = step(state["params"], state["opt_state"], x)
+    return loss
+
+  return run
+
+
+def part_forward_and_grad(module: Any, x: jax.Array, method: str) -> Timed:
+  """Forward pass and gradient (w.r.t. its params and input) of one part of a layer: the loss
+  is the sum of its outputs and log-derivatives, jitted."""
+  variables = module.init(jax.random.PRNGKey(1), x, method=method)
+
+  def loss(variables, x):
+    out = module.apply(variables, x, method=method)
+    return sum(jnp.sum(o) for o in (out if isinstance(out, tuple) else (out,)))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return lambda: grad(variables, x)
+
+
+def activation_forward_and_grad(activation: fr.Activation, x: jax.Array) -> Timed:
+  """The activation and its log-derivative, forward and gradient w.r.t. the input, jitted."""
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(activation(x)) + jnp.sum(activation.log_derivative(x))))
+  return lambda: grad(x)
+
+
+def interleaved_medians(
+  timed: dict[str, Timed], repetitions: int, min_repetition_s: float
+) -> dict[str, float]:
+  """Median seconds per call of each function, repetitions interleaved across them."""
+  calls = {}
+  for name, run in timed.items():
+    jax.block_until_ready(run())  # Compile.
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    calls[name] = max(1, round(min_repetition_s / max(time.perf_counter() - start, 1e-6)))
+  times: dict[str, list[float]] = {name: [] for name in timed}
+  for _ in range(repetitions):
+    for name, run in timed.items():
+      start = time.perf_counter()
+      for _ in range(calls[name]):
+        result = run()
+      jax.block_until_ready(result)
+      times[name].append((time.perf_counter() - start) / calls[name])
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: Sequence[str]) -> None:
+  """Times the steps and the parts and prints the table; `argv` is the command line, program
+  name first."""
+  arguments = FLAGS(argv)[1:]
+  if arguments:
+    raise app.UsageError(f"Unexpected arguments: {arguments}")
+  width, batch, layers, bins = FLAGS.width, FLAGS.batch, FLAGS.num_layers, FLAGS.bins
+  x = jax.random.normal(jax.random.PRNGKey(2), (batch, width)) * 3.0
+  activation = fr.SmoothLeakyReLU(0.01)
+  timed = {
+    "step without splines": training_step(fr.FlowMLP(layers, activation), x),
+    "step with splines": training_step(
+      fr.FlowMLP(layers, activation, spline_bins=bins, spline_bound=FLAGS.bound), x
+    ),
+    "dense z W + b": part_forward_and_grad(fr.FlowDense(), x, "__call__"),
+    "activation": activation_forward_and_grad(activation, x),
+    "spline": part_forward_and_grad(
+      fr.RationalQuadraticSpline(bins, FLAGS.bound), x, "forward_and_log_det"
+    ),
+  }
+  medians = interleaved_medians(timed, FLAGS.repetitions, FLAGS.min_repetition_s)
+  print(
+    f"Device: {jax.devices()[0].device_kind}. B = {batch}, D = {width}, L = {layers}, "
+    f"K = {bins}; median of {FLAGS.repetitions} interleaved repetitions.\n"
+  )
+  print("| | ms | relative to |\n|---|---:|---|")
+  base, dense = medians["step without splines"], medians["dense z W + b"]
+  for name, seconds in medians.items():
+    reference = (
+      f"{seconds / base:.2f}× the step without splines"
+      if name.startswith("step")
+      else f"{seconds / dense:.3f}× the dense map"
+    )
+    print(f"| {name} | {1e3 * seconds:.2f} | {reference} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
