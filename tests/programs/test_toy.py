@@ -35,11 +35,11 @@ def test_unknown_density_is_refused():
 
 @pytest.mark.parametrize("name", sorted(input_pipeline.DENSITIES))
 def test_log_prob_is_the_density_the_generator_draws_from(name):
-  """exp(log_prob_2d) on a 180×180 midpoint grid over the plot range (the cells' edges fall on
+  """exp(log_prob_2d) on a 90×90 midpoint grid over the plot range (the cells' edges fall on
   checkerboard's squares and sine's ends) integrates to 1, and its mass in each of 9×9 blocks
   matches the fraction of 20 000 samples there (binomial SE at most 0.0035)."""
   low, high = input_pipeline.DENSITIES[name][1]
-  size, block = 180, 20
+  size, block = 90, 10
   step = (high - low) / size
   axis = low + (np.arange(size) + 0.5) * step
   grid = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
