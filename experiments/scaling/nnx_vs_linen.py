@@ -27,7 +27,6 @@ from collections.abc import Callable
 from collections.abc import Sequence
 import functools
 import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -38,6 +37,7 @@ import optax
 
 import flax_relgrad as fr
 import flax_relgrad.nnx as frn
+from experiments.scaling import timing
 
 FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
 """This program's flags: absl's global ones when it runs, its own when imported, as by the tests,
@@ -101,24 +101,6 @@ def nnx_step(
   return lambda: step(model, optimizer, x)
 
 
-def time_steps(
-  steps: dict[str, Callable[[], jax.Array]], repetitions: int, steps_per_repetition: int
-) -> dict[str, list[float]]:
-  """Seconds per step of each repetition, the steps interleaved (order rotating)."""
-  for run in steps.values():
-    jax.block_until_ready(run())  # compile and warm up
-  times: dict[str, list[float]] = {name: [] for name in steps}
-  names = list(steps)
-  for repetition in range(repetitions):
-    for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
-      start = time.perf_counter()
-      for _ in range(steps_per_repetition):
-        loss = steps[name]()
-      jax.block_until_ready(loss)
-      times[name].append((time.perf_counter() - start) / steps_per_repetition)
-  return times
-
-
 def main(argv: Sequence[str]) -> None:
   """Times the three steps and prints the report; `argv` is the command line, program name first."""
   arguments = FLAGS(argv)[1:]
@@ -131,7 +113,7 @@ def main(argv: Sequence[str]) -> None:
     "nnx": nnx_step(FLAGS.width, *settings),
     "nnx_cached": nnx_step(FLAGS.width, *settings, cached=True),
   }
-  times = time_steps(steps, FLAGS.repetitions, FLAGS.steps)
+  times = timing.interleaved_times(steps, FLAGS.repetitions, dict.fromkeys(steps, FLAGS.steps))
   medians = {name: statistics.median(values) for name, values in times.items()}
   print(
     f"D = {FLAGS.width}, B = {FLAGS.batch_size}, L = {FLAGS.num_layers}, {FLAGS.repetitions} repetitions × "

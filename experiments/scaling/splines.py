@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 import flax_relgrad as fr
+from experiments.scaling import timing
 
 FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
 """absl's global flags when run, its own when imported (see experiments/scaling/__main__.py)."""
@@ -81,25 +82,16 @@ def activation_forward_and_grad(activation: fr.Activation, x: jax.Array) -> Time
   return lambda: grad(x)
 
 
-def interleaved_medians(
-  timed: dict[str, Timed], repetitions: int, min_repetition_s: float
-) -> dict[str, float]:
-  """Median seconds per call of each function, repetitions interleaved across them."""
+def calls_per_repetition(timed: dict[str, Timed], min_repetition_s: float) -> dict[str, int]:
+  """How many back-to-back calls of each function fill about `min_repetition_s` (at least 1),
+  from the time of one call after a first (compiling) one."""
   calls = {}
   for name, run in timed.items():
-    jax.block_until_ready(run())  # Compile.
+    jax.block_until_ready(run())
     start = time.perf_counter()
     jax.block_until_ready(run())
     calls[name] = max(1, round(min_repetition_s / max(time.perf_counter() - start, 1e-6)))
-  times: dict[str, list[float]] = {name: [] for name in timed}
-  for _ in range(repetitions):
-    for name, run in timed.items():
-      start = time.perf_counter()
-      for _ in range(calls[name]):
-        result = run()
-      jax.block_until_ready(result)
-      times[name].append((time.perf_counter() - start) / calls[name])
-  return {name: statistics.median(values) for name, values in times.items()}
+  return calls
 
 
 def main(argv: Sequence[str]) -> None:
@@ -122,7 +114,9 @@ def main(argv: Sequence[str]) -> None:
       fr.RationalQuadraticSpline(bins, FLAGS.bound), x, "forward_and_log_det"
     ),
   }
-  medians = interleaved_medians(timed, FLAGS.repetitions, FLAGS.min_repetition_s)
+  calls = calls_per_repetition(timed, FLAGS.min_repetition_s)
+  times = timing.interleaved_times(timed, FLAGS.repetitions, calls)
+  medians = {name: statistics.median(values) for name, values in times.items()}
   print(
     f"Device: {jax.devices()[0].device_kind}. B = {batch}, D = {width}, L = {layers}, "
     f"K = {bins}; median of {FLAGS.repetitions} interleaved repetitions.\n"

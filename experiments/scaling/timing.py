@@ -148,6 +148,27 @@ def _interleaved_times(
   return times
 
 
+def interleaved_times(
+  timed: dict[str, Callable[[], Any]], repetitions: int, calls: dict[str, int]
+) -> dict[str, list[float]]:
+  """Seconds per call of each function in each repetition: `calls[name]` calls back to back,
+  timed until their result is ready, the functions interleaved with the order rotating from
+  one repetition to the next. Each function is called once first (compilation, warm-up)."""
+  for run in timed.values():
+    jax.block_until_ready(run())
+  names = list(timed)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for repetition in range(repetitions):
+    shift = repetition % max(len(names), 1)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      for _ in range(calls[name]):
+        result = timed[name]()
+      jax.block_until_ready(result)
+      times[name].append((time.perf_counter() - start) / calls[name])
+  return times
+
+
 def measure_point(
   methods: dict[str, models.Method],
   config: BenchmarkConfig,

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 import flax_relgrad as fr
+from experiments.training import evaluation
 
 WORKDIR = flags.DEFINE_string(
   "workdir", None, "Where TensorBoard events and conditional.png go.", required=True
@@ -83,10 +84,6 @@ def make_model() -> fr.ConditionalFlowMLP:
   return fr.ConditionalFlowMLP(
     num_layers=8, conditioner=conditioner, activation=fr.SmoothLeakyReLU(0.2)
   )
-
-
-def mean_and_two_standard_errors(values: np.ndarray) -> tuple[float, float]:
-  return float(values.mean()), float(2 * values.std(ddof=1) / math.sqrt(values.size))
 
 
 def draw(model: fr.ConditionalFlowMLP, params, path: str, grid_size: int = 150) -> None:
@@ -153,8 +150,8 @@ def train_and_evaluate(
   log_prob = np.asarray(model.apply({"params": result.params}, test_x, test_c, method="log_prob"))
   if not np.all(np.isfinite(log_prob)):
     raise FloatingPointError("The trained flow gives non-finite test log-likelihoods.")
-  model_ll, model_se = mean_and_two_standard_errors(log_prob)
-  truth_ll, truth_se = mean_and_two_standard_errors(true_log_prob(test_x, test_c))
+  model_ll, model_se = evaluation.mean_and_two_standard_errors(log_prob)
+  truth_ll, truth_se = evaluation.mean_and_two_standard_errors(true_log_prob(test_x, test_c))
   writer.write_scalars(steps, {"test/ll": model_ll, "test/true_ll": truth_ll})
   writer.flush()
   draw(model, result.params, os.path.join(workdir, "conditional.png"))

@@ -25,6 +25,7 @@ from scipy import special
 
 import flax_relgrad as fr
 from experiments.training import data
+from experiments.training import evaluation
 
 
 def _sine(n, rng):
@@ -211,7 +212,7 @@ def minus_entropy(name: str, num_points: int = 20_000, seed: int = 1) -> tuple[f
   """Monte Carlo estimate of −H = E[log p(x)] and its 2 standard errors: the best expected
   log-likelihood any model can reach on the density `name`."""
   log_p = log_prob_2d(name, sample_2d(name, num_points, np.random.default_rng(seed)))
-  return float(np.mean(log_p)), float(2.0 * np.std(log_p) / math.sqrt(num_points))
+  return evaluation.mean_and_two_standard_errors(log_p)
 
 
 def draw_panels(

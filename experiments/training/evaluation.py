@@ -18,6 +18,12 @@ EvalStep = Callable[[PyTree, jax.Array], dict[str, jax.Array]]
 """(params, y (N, D)) → per-example metrics (N,), see `steps.make_eval_step`."""
 
 
+def mean_and_two_standard_errors(values: np.ndarray) -> tuple[float, float]:
+  """The mean of `values` (n,) and 2 standard errors of it (sample std, ddof 1; NaN if n < 2)."""
+  two_se = 2 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+  return float(values.mean()), float(two_se)
+
+
 def evaluate(
   eval_step: EvalStep,
   params: PyTree,
@@ -39,11 +45,10 @@ def evaluate(
   values = {
     key: np.concatenate([np.asarray(batch[key]) for batch in batches]) for key in batches[0]
   }
-  two_se = lambda v: float(2 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
   metrics = {key: float(value.mean()) for key, value in values.items()}
   metrics.update(
     {
-      f"{key}_2se": two_se(value)
+      f"{key}_2se": mean_and_two_standard_errors(value)[1]
       for key, value in values.items()
       if key not in steps.LIKELIHOOD_PARTS
     }
