@@ -42,6 +42,12 @@ flags.DEFINE_list(
 flags.DEFINE_integer(
   "num_layers", _DEFAULTS.num_layers, "L, dense layers per flow.", flag_values=FLAGS
 )
+flags.DEFINE_integer(
+  "spline_bins",
+  _DEFAULTS.spline_bins,
+  "K, bins of each spline of the `splines` method.",
+  flag_values=FLAGS,
+)
 flags.DEFINE_float("alpha", _DEFAULTS.alpha, "Slope α of SmoothLeakyReLU(α).", flag_values=FLAGS)
 flags.DEFINE_float(
   "learning_rate", _DEFAULTS.learning_rate, "Adam's learning rate.", flag_values=FLAGS

@@ -1,9 +1,12 @@
-"""The four dense flows the scaling benchmark times, and one training step of each.
+"""The five flows the scaling benchmark times, and one training step of each.
 
 Methods, all with L square layers, SmoothLeakyReLU(α) between layers, float32, batch x (B, D):
 
 - ``relative``: `FlowMLP`, `fr.relative_update` (the relative gradient, the library's one
   training step) + Adam. Exact maximum likelihood at O(B·D²) per layer (docs/method.md, "Cost").
+- ``splines``: ``relative`` with a learned K-bin `RationalQuadraticSpline` on every coordinate
+  before every dense layer (`FlowMLP(spline_bins=K)`); a spline adds O(B·D·K) elementwise work
+  per layer, so its column over ``relative`` is what the splines cost.
 - ``naive``: `FlowMLP`, `value_and_exact_grad` (autodiff through `slogdet`) + Adam. O(D³).
 - ``plain``: `FlowMLP` trained on −[Σ log N(z) + Σ log σ'(y)] only (no log|det W|), plain
   `jax.grad` + Adam: the backprop floor of a dense network of this shape.
@@ -31,8 +34,8 @@ PyTree = Any
 StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree, jax.Array]]
 """(params, opt_state, x (B, D)) → (params, opt_state, loss)."""
 
-METHODS = ("relative", "naive", "plain", "lu")
-COST_EXPONENT = {"relative": 2, "naive": 3, "plain": 2, "lu": 2}
+METHODS = ("relative", "splines", "naive", "plain", "lu")
+COST_EXPONENT = {"relative": 2, "splines": 2, "naive": 3, "plain": 2, "lu": 2}
 """Nominal k in cost ∝ D^k (docs/method.md, "Cost"), used to predict whether a point exceeds the cap."""
 
 
@@ -122,14 +125,20 @@ def _euclidean_step(
   return step
 
 
-def make_method(name: str, num_layers: int, alpha: float, learning_rate: float) -> Method:
-  """The model, optimizer and training step of benchmark method `name` (one of `METHODS`)."""
+def make_method(
+  name: str, num_layers: int, alpha: float, learning_rate: float, spline_bins: int = 8
+) -> Method:
+  """The model, optimizer and training step of benchmark method `name` (one of `METHODS`);
+  `spline_bins` is K of the ``splines`` method."""
   activation = fr.SmoothLeakyReLU(alpha)
   adam = optax.adam(learning_rate)
   if name == "lu":
     model = LUFlow(num_layers, activation)
     nll = lambda params, x: -jnp.mean(model.apply({"params": params}, x, method=LUFlow.log_prob))
     return Method(name, model, adam, _euclidean_step(jax.value_and_grad(nll), adam))
+  if name == "splines":  # The library's step with splines on [-4, 4], where the data lie.
+    model = fr.FlowMLP(num_layers, activation, spline_bins=spline_bins, spline_bound=4.0)
+    return Method(name, model, adam, functools.partial(fr.relative_update, model, adam))
   model = fr.FlowMLP(num_layers, activation)
   if name == "relative":  # The library's step: exact NLL at O(B·D²) per layer.
     return Method(name, model, adam, functools.partial(fr.relative_update, model, adam))

@@ -94,7 +94,8 @@ def markdown_report(
   lines = [
     "# Training-step time against the width D",
     "",
-    f"Device: {timing.device_label()}. FlowMLP / LUFlow with {config.num_layers} layers, "
+    f"Device: {timing.device_label()}. FlowMLP / LUFlow with {config.num_layers} layers "
+    f"(`splines`: {config.spline_bins}-bin splines before each), "
     f"SmoothLeakyReLU({config.alpha:g}), float32, Adam({config.learning_rate:g}); one jitted "
     "step = gradient + optimizer update (compile and warm-up excluded). Median over "
     f"{config.repetitions} interleaved repetitions, each ≥ 1 step and ≈ ≥ "
@@ -105,13 +106,14 @@ def markdown_report(
     "",
     "| B | D | "
     + " | ".join(models.METHODS)
-    + " | naive/relative | relative/plain | lu/relative |",
-    "|---:|---:|" + "---:|" * (len(models.METHODS) + 3),
+    + " | splines/relative | naive/relative | relative/plain | lu/relative |",
+    "|---:|---:|" + "---:|" * (len(models.METHODS) + 4),
   ]
   for batch, width in points:
     m = {name: by_key[name, batch, width] for name in models.METHODS}
     cells = [_milliseconds(m[name]) for name in models.METHODS]
     cells += [
+      _ratio(m["splines"], m["relative"]),
       _ratio(m["naive"], m["relative"]),
       _ratio(m["relative"], m["plain"]),
       _ratio(m["lu"], m["relative"]),

@@ -1,6 +1,6 @@
 """Time one jitted training step (gradient + Adam update) of each benchmark method against D.
 
-The methods are the four dense flows of `models` (`models.METHODS`). Each step is compiled
+The methods are the five flows of `models` (`models.METHODS`). Each step is compiled
 once per (method, B, D) with the params and optimizer state donated; the compile and a first
 warm-up call are excluded from the timings. Methods are interleaved within the process: every
 repetition runs each method once, for as many steps back to back as fill `min_repetition_s` by
@@ -35,6 +35,7 @@ class BenchmarkConfig:
     widths: the grid of D, measured in increasing order.
     batch_sizes: the grid of B.
     num_layers: L, dense layers per flow.
+    spline_bins: K, bins of each spline of the ``splines`` method.
     alpha: slope α of SmoothLeakyReLU(α).
     learning_rate: Adam's learning rate.
     repetitions: interleaved repetitions per point; the report gives medians over them.
@@ -50,6 +51,7 @@ class BenchmarkConfig:
   widths: tuple[int, ...] = (64, 128, 256, 512, 784, 1024, 2048, 4096)
   batch_sizes: tuple[int, ...] = (10, 100)
   num_layers: int = 2
+  spline_bins: int = 8
   alpha: float = 0.01
   learning_rate: float = 1e-4
   repetitions: int = 7
@@ -98,13 +100,10 @@ class _Runner:
   opt_state: PyTree
   x: jax.Array
 
-  def run(self, steps: int) -> float:
-    """Runs `steps` steps; returns the wall-clock seconds per step (until results are ready)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-      self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, self.x)
-    jax.block_until_ready((self.params, self.opt_state, loss))
-    return (time.perf_counter() - start) / steps
+  def step(self) -> jax.Array:
+    """One training step on x, params and optimizer state updated in place; returns the loss."""
+    self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, self.x)
+    return loss
 
   def params_health(self) -> tuple[bool, bool]:
     """(all params finite, every param array differs from its initial value somewhere)."""
@@ -133,19 +132,6 @@ def _compile(method: models.Method, initial_params: PyTree, x: jax.Array) -> _Ru
   opt_state = method.tx.init(params)
   compiled = jax.jit(method.step, donate_argnums=(0, 1)).lower(params, opt_state, x).compile()
   return _Runner(compiled, initial_params, params, opt_state, x)
-
-
-def _interleaved_times(
-  runners: dict[str, _Runner], steps: dict[str, int], repetitions: int
-) -> dict[str, list[float]]:
-  """Seconds per step of each runner per repetition; the order rotates with the repetition."""
-  names = list(runners)
-  times = {name: [] for name in names}
-  for repetition in range(repetitions):
-    shift = repetition % max(len(names), 1)
-    for name in names[shift:] + names[:shift]:
-      times[name].append(runners[name].run(steps[name]))
-  return times
 
 
 def interleaved_times(
@@ -191,13 +177,17 @@ def measure_point(
       )
     runner = _compile(method, initial_params[method.model], x)
     memory[name] = compiled_memory_bytes(runner.compiled)
-    warm_up_s = runner.run(1)
+    start = time.perf_counter()
+    jax.block_until_ready(runner.step())
+    warm_up_s = time.perf_counter() - start
     if warm_up_s > config.time_cap_s:
       skipped[name] = f"warm-up step {warm_up_s:.3g} s > cap {config.time_cap_s:g} s"
       continue
     runners[name] = runner
     steps[name] = max(1, math.ceil(config.min_repetition_s / warm_up_s))
-  times = _interleaved_times(runners, steps, config.repetitions)
+  times = interleaved_times(
+    {name: runner.step for name, runner in runners.items()}, config.repetitions, steps
+  )
   measurements = []
   for name in methods:
     if name in runners:
@@ -215,7 +205,9 @@ def measure_point(
 def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -> list[Measurement]:
   """All measurements of the grid, D increasing within each B (see `measure_point`)."""
   methods = {
-    name: models.make_method(name, config.num_layers, config.alpha, config.learning_rate)
+    name: models.make_method(
+      name, config.num_layers, config.alpha, config.learning_rate, config.spline_bins
+    )
     for name in models.METHODS
   }
   measurements = []

@@ -61,7 +61,13 @@ def test_markdown_and_plot(tiny_run):
   _, markdown, output_dir = tiny_run
   assert (output_dir / "scaling.md").read_text() == markdown
   header = next(line for line in markdown.splitlines() if line.startswith("| B | D |"))
-  for column in (*models.METHODS, "naive/relative", "relative/plain", "lu/relative"):
+  for column in (
+    *models.METHODS,
+    "splines/relative",
+    "naive/relative",
+    "relative/plain",
+    "lu/relative",
+  ):
     assert f" {column} |" in header
   for width in WIDTHS:
     assert f"| {BATCH} | {width} | " in markdown
