@@ -1,4 +1,5 @@
-"""Every shipped config file builds its run and trains a few steps (mock or synthetic data)."""
+"""Every shipped config file passes the checks, and one config of each model and training step
+builds its run and trains a few steps (mock or synthetic data)."""
 
 import glob
 import importlib
