@@ -30,9 +30,18 @@ extensions = [
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-# docs/scaling, docs/scaling_gpu and docs/toy hold benchmark outputs the README links to.
+# docs/scaling, docs/scaling_gpu, docs/scaling_splines and docs/toy hold benchmark outputs the
+# README links to.
 # pypi.md is the package page on PyPI (pyproject.toml `readme`), not a page of these docs.
-exclude_patterns = ["_build", "scaling", "scaling_gpu", "toy", "README.md", "pypi.md"]
+exclude_patterns = [
+  "_build",
+  "scaling",
+  "scaling_gpu",
+  "scaling_splines",
+  "toy",
+  "README.md",
+  "pypi.md",
+]
 
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
