@@ -99,7 +99,13 @@ def test_wheel_metadata(wheel):
     re.split(r"[<>=!~ ;\[]", r)[0] for r in metadata.get_all("Requires-Dist") if "extra ==" not in r
   }
   assert runtime == {"jax", "jaxlib", "flax", "optax"}
-  assert set(metadata.get_all("Provides-Extra")) == {"progress", "experiments", "docs", "test"}
+  assert set(metadata.get_all("Provides-Extra")) == {
+    "progress",
+    "experiments",
+    "benchmark",
+    "docs",
+    "test",
+  }
 
 
 def test_package_page_is_self_contained(wheel):
