@@ -231,6 +231,10 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       for k in MODEL_FIELDS
       if k in saved and k in current and saved[k] != current[k]
     }
+    # Averaged params are part of the saved train state or not; their decay may change.
+    uses_ema = lambda c: c.get("ema_decay", 0.0) > 0
+    if uses_ema(saved) != uses_ema(current):
+      changed["ema_decay"] = (saved.get("ema_decay", 0.0), current["ema_decay"])
     if changed:
       raise ValueError(
         f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "

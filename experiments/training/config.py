@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.steps_per_call = 50  # Train steps per jitted call (lax.scan): amortises host overhead.
   config.num_epochs = 10
   config.patience = 5  # Evaluations without validation improvement before stopping.
+  # Evaluate (and keep as best, and sample from) an exponential moving average of the
+  # parameters with this decay, warmed up as in steps.make_train_step; 0: the parameters.
+  config.ema_decay = 0.0
   config.seed = 0
   # Divergence: a non-finite loss, or (divergence_nats > 0) a logged window-mean training NLL
   # more than divergence_nats above the lowest so far (before the first window: the initial
@@ -73,6 +76,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.on_divergence={config.on_divergence!r} is not one of ['restore', 'stop']."
     )
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay must lie in [0, 1), got {config.ema_decay}.")
   if not 0.0 < config.divergence_lr_factor < 1.0:
     raise ValueError(
       f"config.divergence_lr_factor must lie in (0, 1), got {config.divergence_lr_factor}."

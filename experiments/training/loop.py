@@ -73,8 +73,9 @@ class Run:
     self.checkpoints = checkpoints.RunCheckpoints(workdir)
     self.writer = None  # Created by `train`: evaluation alone writes no event file.
     self.parallel = parallel.DataParallel.over_all_devices()
+    self.ema = config.ema_decay > 0  # The state keeps averaged params; they are evaluated.
     self.train_chunk = steps.make_train_chunk(
-      self.model, self.tx, source, config.seed, self.parallel
+      self.model, self.tx, source, config.seed, self.parallel, config.ema_decay
     )
     self.eval_step = steps.make_eval_step(self.model, source, self.parallel)
     self.kernel_log_abs_det = steps.make_kernel_log_abs_det(self.model)
@@ -89,13 +90,13 @@ class Run:
   def make_initial_state(self) -> steps.TrainState:
     """The initial state, replicated over the mesh."""
     make = lambda: steps.initial_state(
-      self.model, self.tx, self.splits.num_features, self.config.seed
+      self.model, self.tx, self.splits.num_features, self.config.seed, self.ema
     )
     return jax.jit(make, out_shardings=self.parallel.replicated)()
 
   def abstract_state(self) -> steps.TrainState:
     return steps.abstract_state(
-      self.model, self.tx, self.splits.num_features, self.config.seed, self.parallel
+      self.model, self.tx, self.splits.num_features, self.config.seed, self.parallel, self.ema
     )
 
   def evaluate(self, params, y: np.ndarray) -> dict[str, float]:
@@ -259,22 +260,24 @@ class Run:
   def _evaluate_and_checkpoint(
     self, state: steps.TrainState, validation_y: np.ndarray
   ) -> steps.TrainState:
-    """Validation metrics, diagnostics and the picture; saves latest and (if improved) best."""
+    """Validation metrics, diagnostics and the picture of the evaluated params (the average
+    with `ema_decay`); saves latest and (if improved) best."""
     step = int(state.step)
-    metrics = self.evaluate(state.params, validation_y)
+    params = steps.evaluation_params(state)
+    metrics = self.evaluate(params, validation_y)
     improved = metrics["ll"] > float(state.best_validation_ll)
     state = state.replace(
       best_validation_ll=jnp.maximum(state.best_validation_ll, metrics["ll"]),
       evals_since_best=jnp.where(improved, 0, state.evals_since_best + 1),
     )
     if improved:
-      self.checkpoints.save_best(step, state.params, metrics["ll"])
+      self.checkpoints.save_best(step, params, metrics["ll"])
     self.checkpoints.save_latest(step, state)
     self.writer.write_scalars(step, {f"validation/{k}": v for k, v in metrics.items()})
-    self.writer.write_scalars(step, evaluation.kernel_diagnostics(state.params))
+    self.writer.write_scalars(step, evaluation.kernel_diagnostics(params))
     if self.picture is not None:
       sample_rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
-      picture = self.picture(state.params, sample_rng)
+      picture = self.picture(params, sample_rng)
       self.writer.write_images(step, {self.source.picture_name: picture[None]})
       if jax.process_index() == 0:
         save_png(os.path.join(self.workdir, f"{self.source.picture_name}.png"), picture)

@@ -41,6 +41,14 @@ class TrainState:
   # window the initial parameters' validation NLL (set when training starts).
   lowest_train_nll: jax.Array
   divergences: jax.Array  # Divergences recovered from so far.
+  # The exponential moving average of params that evaluation uses (config.ema_decay > 0; see
+  # `make_train_step`), or None: evaluation uses params, and the checkpoint has no such entry.
+  ema_params: PyTree = None
+
+
+def evaluation_params(state: TrainState) -> PyTree:
+  """The parameters a run evaluates, checkpoints as best and samples from."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
@@ -124,8 +132,13 @@ def with_learning_rate_scale(state: TrainState, scale: float) -> TrainState:
 
 
 def initial_state(
-  model: fr.FlowMLP, tx: optax.GradientTransformation, num_features: int, seed: int
+  model: fr.FlowMLP,
+  tx: optax.GradientTransformation,
+  num_features: int,
+  seed: int,
+  ema: bool = False,
 ) -> TrainState:
+  """Step 0; with `ema`, the average starts at the initial params."""
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, num_features)))["params"]
   return TrainState(
     step=jnp.array(0, jnp.int32),
@@ -137,6 +150,7 @@ def initial_state(
     evals_since_best=jnp.array(0, jnp.int32),
     lowest_train_nll=jnp.array(jnp.inf, jnp.float32),
     divergences=jnp.array(0, jnp.int32),
+    ema_params=params if ema else None,
   )
 
 
@@ -146,15 +160,28 @@ def abstract_state(
   num_features: int,
   seed: int,
   data_parallel: parallel.DataParallel,
+  ema: bool = False,
 ) -> TrainState:
   """Shapes, dtypes and (replicated) shardings of the train state: the target for restoring."""
   return data_parallel.abstract_replicated(
-    jax.eval_shape(lambda: initial_state(model, tx, num_features, seed))
+    jax.eval_shape(lambda: initial_state(model, tx, num_features, seed, ema))
   )
 
 
-def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
-  """One relative-gradient step (state, y (B, D)) → state, recording a non-finite loss."""
+def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+  """One relative-gradient step (state, y (B, D)) → state, recording a non-finite loss.
+
+  If the state keeps `ema_params`, step t (counting from 0) also updates them to
+  β_t·ema + (1 − β_t)·params_{t+1} with β_t = min(ema_decay, (1 + t) / (10 + t)): the
+  warm-up keeps the initial params from weighing on a short run (β^t of them would remain).
+  """
+
+  def average(state: TrainState, params: PyTree) -> PyTree:
+    if state.ema_params is None:
+      return None
+    t = state.step.astype(jnp.float32)
+    beta = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: beta * e + (1.0 - beta) * p, state.ema_params, params)
 
   def train_step(state: TrainState, batch: jax.Array) -> TrainState:
     params, opt_state, loss = fr.relative_update(model, tx, state.params, state.opt_state, batch)
@@ -169,6 +196,7 @@ def make_train_step(model: fr.FlowMLP, tx: optax.GradientTransformation):
       opt_state=opt_state,
       loss_sum=state.loss_sum + loss,
       first_nonfinite_step=first_bad,
+      ema_params=average(state, params),
     )
 
   return train_step
@@ -180,15 +208,16 @@ def make_train_chunk(
   source: data.DataSource,
   seed: int,
   data_parallel: parallel.DataParallel,
+  ema_decay: float = 0.0,
 ):
   """A jitted (state, chunk, epoch) → state running k train steps in one call (`lax.scan`).
 
   `chunk` holds raw records (k, B, D), sharded along B over the `data` mesh, and their batch
   indices (k,); each batch is preprocessed on the devices (`source.preprocess`) with
   randomness keyed by (seed, epoch, batch index). The state is replicated and its old
-  buffers are donated.
+  buffers are donated. `ema_decay`: see `make_train_step`.
   """
-  train_step = make_train_step(model, tx)
+  train_step = make_train_step(model, tx, ema_decay)
 
   def train_chunk(state: TrainState, chunk: dict[str, jax.Array], epoch: jax.Array) -> TrainState:
     def body(state, examples_and_index):

@@ -66,10 +66,14 @@ def main(argv):
   model = steps.create_model(config)
   tx = steps.create_optimizer(config, total_steps=FLAGS.steps * FLAGS.repetitions)
   data_parallel = parallel.DataParallel.over_all_devices()
-  train_step = jax.jit(steps.make_train_step(model, tx), donate_argnums=0)
-  train_chunk = steps.make_train_chunk(model, tx, source, config.seed, data_parallel)
+  train_step = jax.jit(steps.make_train_step(model, tx, config.ema_decay), donate_argnums=0)
+  train_chunk = steps.make_train_chunk(
+    model, tx, source, config.seed, data_parallel, config.ema_decay
+  )
   chunks = lambda epoch: data.device_chunks(source.splits, config, epoch, data_parallel)
-  state = steps.initial_state(model, tx, source.splits.num_features, config.seed)
+  state = steps.initial_state(
+    model, tx, source.splits.num_features, config.seed, config.ema_decay > 0
+  )
   first_chunk = next(chunks(0))
   state = jax.block_until_ready(train_chunk(state, first_chunk, 0))  # Compile.
   fixed_batch = source.preprocess(

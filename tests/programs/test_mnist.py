@@ -50,7 +50,7 @@ def run(config, workdir):
 def restore_latest(config, workdir):
   model, tx = steps.create_model(config), steps.create_optimizer(config, total_steps=1)
   abstract = steps.abstract_state(
-    model, tx, 784, config.seed, parallel.DataParallel.over_all_devices()
+    model, tx, 784, config.seed, parallel.DataParallel.over_all_devices(), config.ema_decay > 0
   )
   run_checkpoints = checkpoints.RunCheckpoints(str(workdir))
   try:
@@ -132,6 +132,47 @@ def test_workdir_of_another_model_is_refused(finished_run):
     run(mock_config(num_layers=3), workdir)
 
 
+def test_ema_step_follows_the_warmed_up_average():
+  """e_0 = p_0, e_{t+1} = β_t e_t + (1 − β_t) p_{t+1}, β_t = min(decay, (1 + t)/(10 + t)), in
+  float64 against the state the jitted step keeps."""
+  config = mock_config(num_layers=2, learning_rate=0.05)
+  model, tx = steps.create_model(config), steps.create_optimizer(config, total_steps=5)
+  state = steps.initial_state(model, tx, 3, seed=0, ema=True)
+  step = jax.jit(steps.make_train_step(model, tx, ema_decay=0.5))
+  batch = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+  as64 = lambda tree: [np.asarray(leaf, np.float64) for leaf in jax.tree_util.tree_leaves(tree)]
+  expected = as64(state.params)
+  for t in range(4):
+    state = step(state, batch)
+    beta = min(0.5, (1 + t) / (10 + t))
+    expected = [
+      beta * e + (1 - beta) * p for e, p in zip(expected, as64(state.params), strict=True)
+    ]
+  for got, want in zip(as64(state.ema_params), expected, strict=True):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  assert not np.allclose(as64(state.ema_params)[0], as64(state.params)[0])
+
+
+def test_ema_run_keeps_the_average_as_best_and_resumes_exactly(tmp_path):
+  """With ema_decay the best checkpoint holds the averaged params (evaluated, tested), the
+  average survives a restart exactly, and turning it off on the same workdir is refused."""
+  uninterrupted = run(mock_config(ema_decay=0.9), tmp_path / "uninterrupted")
+  run(mock_config(ema_decay=0.9, num_epochs=1), tmp_path / "resumed")
+  first_epoch = restore_latest(mock_config(ema_decay=0.9), tmp_path / "resumed")
+  run_checkpoints = checkpoints.RunCheckpoints(str(tmp_path / "resumed"))
+  try:
+    best_step, best = run_checkpoints.restore_best_params(first_epoch.params)
+  finally:
+    run_checkpoints.close()
+  assert best_step == 4  # One epoch, one evaluation.
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(best), leaves(first_epoch.ema_params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert run(mock_config(ema_decay=0.9), tmp_path / "resumed") == uninterrupted
+  with pytest.raises(ValueError, match="ema_decay"):
+    run(mock_config(), tmp_path / "resumed")
+
+
 def test_corrupt_checkpoint_gives_clear_error(finished_run, tmp_path):
   config, workdir, _ = finished_run
   copy = tmp_path / "copy"
@@ -202,6 +243,7 @@ def test_command_line_config_typo_is_refused(tmp_path):
     ("on_divergence", "ignore", "on_divergence='ignore' is not one of"),
     ("kernel_init", "xavier", "kernel_init='xavier' is not one of"),
     ("data_source", "video", "data_source='video' is not one of"),
+    ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
   ],
 )
 def test_config_values_out_of_range_are_refused(field, value, message, tmp_path):
