@@ -30,11 +30,12 @@ extensions = [
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-# docs/scaling, docs/scaling_gpu, docs/scaling_splines and docs/toy hold benchmark outputs the
-# README links to.
+# docs/flowjax_benchmark, docs/scaling, docs/scaling_gpu, docs/scaling_splines and docs/toy hold
+# benchmark outputs the README links to.
 # pypi.md is the package page on PyPI (pyproject.toml `readme`), not a page of these docs.
 exclude_patterns = [
   "_build",
+  "flowjax_benchmark",
   "scaling",
   "scaling_gpu",
   "scaling_splines",
