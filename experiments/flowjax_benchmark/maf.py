@@ -109,7 +109,7 @@ def train_against_clock(
   if splits.num_train < config.batch_size:
     raise ValueError(
       f"The training split has {splits.num_train} examples, fewer than one batch of "
-      f"{config.batch_size}; lower --batch_size."
+      f"{config.batch_size}; lower --maf_batch_size."
     )
   marks = sorted(marks_minutes)
   clock_s = 0.0
