@@ -225,7 +225,7 @@ def main(argv: Sequence[str]) -> None:
     project_runs,
     [by_budget[b] for b in budgets],
     maf.count_parameters(flow),
-    (longest_run.config, sum(leaf.size for leaf in jax.tree.leaves(longest.params))),
+    (longest_run.config, maf.count_parameters(longest.params)),
     draws,
   )
   output = pathlib.Path(FLAGS.output_dir)

@@ -5,8 +5,9 @@ transformer (`MafSettings`; by default 4 layers, masked MLPs of width 256, 8 kno
 [−14, 14]: 23.4 M parameters), trained by Adam with a constant learning rate on the negative
 log-likelihood of y = logit(λ + (1−2λ)(p + u)/256), exactly the batches, the dequantisation
 noise and the test arrays of `python -m experiments.mnist` with the same seed
-(`experiments.training.data`). Its test bits/dim are those of the MNIST programs
-(`experiments.images.bits_per_dim`, mean ± 2 standard errors over the test split).
+(`experiments.training.data`). Its test metrics are computed as the MNIST programs' are: the
+source's bits/dim per example, mean ± 2 standard errors over the test split
+(`experiments.training.evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from flowjax.flows import masked_autoregressive_flow
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import paramax
 
@@ -79,8 +79,9 @@ def make_flow(settings: MafSettings, num_features: int, seed: int) -> eqx.Module
   )
 
 
-def count_parameters(flow: eqx.Module) -> int:
-  return sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(flow, eqx.is_inexact_array)))
+def count_parameters(tree: PyTree) -> int:
+  """Entries of the floating-point arrays of a flowjax module or of Flax params."""
+  return sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array)))
 
 
 def _split(flow: eqx.Module) -> tuple[PyTree, PyTree]:
@@ -137,7 +138,12 @@ def train_against_clock(
     (params, opt_state), values = jax.lax.scan(body, (params, opt_state), (examples, batch_index))
     return params, opt_state, values.mean()
 
-  log_prob = jax.jit(lambda params, y: paramax.unwrap(eqx.combine(params, static)).log_prob(y))
+  @jax.jit
+  def eval_step(params: PyTree, y: jax.Array) -> dict[str, jax.Array]:
+    """Per-example log p(y) and the source's bits/dim, as the MNIST programs' eval step."""
+    log_prob = paramax.unwrap(eqx.combine(params, static)).log_prob(y)
+    return {"ll": log_prob, **source.extra_metrics(log_prob, y)}
+
   steps_per_epoch = splits.num_train // config.batch_size
   checkpoints: list[Checkpoint] = []
   step, epoch = 0, 0
@@ -150,12 +156,12 @@ def train_against_clock(
       step += chunk["batch_index"].shape[0]
       if not math.isfinite(float(train_nll)):
         raise FloatingPointError(f"flowjax's training loss is {float(train_nll)} at step {step}.")
-      minutes = (clock_s + time.perf_counter() - started) / 60
-      if minutes < marks[0]:
+      elapsed_s = clock_s + time.perf_counter() - started
+      if elapsed_s < 60 * marks[0]:
         continue
-      clock_s += time.perf_counter() - started  # The clock stops for the test.
+      clock_s, minutes = elapsed_s, elapsed_s / 60  # The clock stops for the test.
       checkpoints.append(
-        _test(params, log_prob, test_y, config, marks[0], minutes, step, steps_per_epoch)
+        _test(params, eval_step, test_y, config, marks[0], minutes, step, steps_per_epoch)
       )
       log(f"flowjax at {minutes:.2f} min, step {step}: test {checkpoints[-1].bpd:.4f} bits/dim")
       marks.pop(0)
@@ -168,7 +174,7 @@ def train_against_clock(
 
 def _test(
   params: PyTree,
-  log_prob: Callable[[PyTree, jax.Array], jax.Array],
+  eval_step: evaluation.EvalStep,
   test_y: jax.Array,
   config: ml_collections.ConfigDict,
   mark_minutes: float,
@@ -176,18 +182,16 @@ def _test(
   step: int,
   steps_per_epoch: int,
 ) -> Checkpoint:
-  batches = range(0, test_y.shape[0], config.eval_batch_size)
-  ll = np.concatenate(
-    [
-      np.asarray(log_prob(params, test_y[start : start + config.eval_batch_size]))
-      for start in batches
-    ]
-  )
-  bpd = np.asarray(images.bits_per_dim(jnp.asarray(ll), test_y, config.lam))
-  if not np.all(np.isfinite(ll)):
+  metrics = evaluation.evaluate(eval_step, params, test_y, config.eval_batch_size)
+  if not math.isfinite(metrics["ll"]):
     raise FloatingPointError(f"flowjax's test log-likelihood is not finite at step {step}.")
-  bpd_mean, bpd_2se = evaluation.mean_and_two_standard_errors(bpd)
-  ll_mean, ll_2se = evaluation.mean_and_two_standard_errors(ll)
   return Checkpoint(
-    mark_minutes, minutes, step, step / steps_per_epoch, bpd_mean, bpd_2se, ll_mean, ll_2se
+    mark_minutes,
+    minutes,
+    step,
+    step / steps_per_epoch,
+    metrics["bpd"],
+    metrics["bpd_2se"],
+    metrics["ll"],
+    metrics["ll_2se"],
   )
