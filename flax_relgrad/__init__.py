@@ -9,6 +9,7 @@ from flax_relgrad.core.dense import PREACTIVATION
 from flax_relgrad.core.dense import kernel_log_abs_det
 from flax_relgrad.core.dense import near_identity
 from flax_relgrad.core.stack import BASES
+from flax_relgrad.core.stack import SPLINE_PLACEMENTS
 from flax_relgrad.core.stack import LayerTerms
 from flax_relgrad.core.stack import standard_normal_log_prob
 from flax_relgrad.fit import FitResult
@@ -41,6 +42,7 @@ __all__ = [
   "RationalQuadraticSpline",
   "RelativeArgs",
   "SmoothLeakyReLU",
+  "SPLINE_PLACEMENTS",
   "fit",
   "kernel_log_abs_det",
   "near_identity",

@@ -9,7 +9,8 @@ Row-vector convention (docs/method.md §1). For inputs x of shape (..., D):
 
 with N(0, 1) the default base; `base="diagonal_gaussian"` learns N(loc_i, exp(log_scale_i)²).
 `spline_bins=K` inserts a learned elementwise spline before every layer (z_{k-1} ← s_k(z_{k-1}),
-adding Σ_i log s_k,i' to log p; see `flax_relgrad.splines`). The maths is the framework-free
+adding Σ_i log s_k,i' to log p; see `flax_relgrad.splines`), or, with
+`spline_placement="input"`, before the first layer only. The maths is the framework-free
 core's (`flax_relgrad.core`); this module binds it to Linen.
 
 Relative-gradient bookkeeping. `FlowDense` is the only place where it happens, and it is
@@ -51,6 +52,7 @@ from flax_relgrad.core.distribution import Flow
 from flax_relgrad.core.distribution import FlowMethods
 from flax_relgrad.core.stack import GaussianParams
 from flax_relgrad.core.stack import check_flow_settings
+from flax_relgrad.core.stack import spline_count
 from flax_relgrad.splines import RationalQuadraticSpline
 
 INTERMEDIATES = "intermediates"
@@ -214,6 +216,8 @@ class FlowMLP(LinenFlowHooks, Flow, nn.Module):
     spline_bins: K > 0 puts a learned elementwise `RationalQuadraticSpline` with K bins
       before every dense layer (params `splines_k`, identity at init; O(D·K) per example);
       0 (default): none.
+    spline_placement: "every_layer" (default), or "input": one spline (`splines_0`), on the
+      input x only (see `SPLINE_PLACEMENTS`).
     spline_bound: the splines' interval [−B, B] (identity outside it); it should cover the
       bulk of each layer's input (e.g. ±14 for MNIST in logit space).
   """
@@ -226,14 +230,15 @@ class FlowMLP(LinenFlowHooks, Flow, nn.Module):
   base: str = "normal"
   spline_bins: int = 0
   spline_bound: float = 4.0
+  spline_placement: str = "every_layer"
 
   def setup(self):
-    check_flow_settings(self.num_layers, self.base, self.spline_bins)
+    check_flow_settings(self.num_layers, self.base, self.spline_bins, self.spline_placement)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
     self.splines = (
       [
         RationalQuadraticSpline(self.spline_bins, self.spline_bound, self.param_dtype)
-        for _ in range(self.num_layers)
+        for _ in range(spline_count(self.num_layers, self.spline_bins, self.spline_placement))
       ]
       if self.spline_bins
       else None

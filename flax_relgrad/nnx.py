@@ -75,6 +75,7 @@ from flax_relgrad.core.splines import spline_knots
 from flax_relgrad.core.stack import GaussianParams
 from flax_relgrad.core.stack import Modulation
 from flax_relgrad.core.stack import check_flow_settings
+from flax_relgrad.core.stack import spline_count
 from flax_relgrad.objectives import _check_scalar_loss
 from flax_relgrad.objectives import _placeholders
 from flax_relgrad.relative import RelativeArgs
@@ -337,9 +338,10 @@ class _NNXFlowHooks(FlowMethods):
     base: str,
     spline_bins: int,
     spline_bound: float,
+    spline_placement: str,
     rngs: nnx.Rngs,
   ) -> None:
-    check_flow_settings(num_layers, base, spline_bins)
+    check_flow_settings(num_layers, base, spline_bins, spline_placement)
     self.width = width
     self.activation = activation
     self.layers = nnx.List(
@@ -354,7 +356,7 @@ class _NNXFlowHooks(FlowMethods):
       nnx.List(
         [
           RationalQuadraticSpline(width, spline_bins, spline_bound, param_dtype=param_dtype)
-          for _ in range(num_layers)
+          for _ in range(spline_count(num_layers, spline_bins, spline_placement))
         ]
       )
       if spline_bins
@@ -384,6 +386,8 @@ class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
     spline_bins: K > 0 puts a learned `RationalQuadraticSpline` with K bins before every
       dense layer (`splines[k]`, identity at init); 0 (default): none.
     spline_bound: the splines' interval [−B, B] (identity outside it).
+    spline_placement: "every_layer" (default), or "input": one spline (`splines[0]`), on the
+      input x only.
     rngs: the `nnx.Rngs` that draw the initial kernels.
   """
 
@@ -399,6 +403,7 @@ class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
     base: str = "normal",
     spline_bins: int = 0,
     spline_bound: float = 4.0,
+    spline_placement: str = "every_layer",
     rngs: nnx.Rngs,
   ):
     self._build(
@@ -411,6 +416,7 @@ class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
       base,
       spline_bins,
       spline_bound,
+      spline_placement,
       rngs,
     )
 
@@ -484,7 +490,17 @@ class ConditionalFlowMLP(_NNXFlowHooks, ConditionalFlow, nnx.Module):
     rngs: nnx.Rngs,
   ):
     self._build(
-      width, num_layers, activation, use_bias, kernel_init, param_dtype, base, 0, 1.0, rngs
+      width,
+      num_layers,
+      activation,
+      use_bias,
+      kernel_init,
+      param_dtype,
+      base,
+      0,
+      1.0,
+      "every_layer",
+      rngs,
     )
     self.conditioner = conditioner
     self.head = ModulationHead(

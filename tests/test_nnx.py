@@ -137,23 +137,26 @@ def test_exact_loss_and_has_aux(float64):
   np.testing.assert_allclose(loss_without, nll(model, x) + model.kernel_log_abs_det(), rtol=1e-13)
 
 
-def test_splines_brute_force_inverse_and_linen_parity(float64):
+@pytest.mark.parametrize("placement, num_splines", [("every_layer", 2), ("input", 1)])
+def test_splines_brute_force_inverse_and_linen_parity(float64, placement, num_splines):
   """The Linen FlowMLP with splines is checked against jacfwd in test_splines.py; equal
   log_prob on the same params carries that check over."""
-  model = frn.FlowMLP(3, 2, param_dtype=F64, spline_bins=4, spline_bound=1.5, rngs=nnx.Rngs(0))
+  settings = {"spline_bins": 4, "spline_bound": 1.5, "spline_placement": placement}
+  model = frn.FlowMLP(3, 2, param_dtype=F64, **settings, rngs=nnx.Rngs(0))
   perturb(model, 1)
   x = normal(2, (7, 3))
   layers, others, error = check_against_brute_force(model, nll, x)
   assert layers == ["layers/0", "layers/1"] and error < 1e-10
   assert others == [
-    f"splines/{k}/{name}" for k in (0, 1) for name in ("derivatives", "heights", "widths")
+    f"splines/{k}/{name}"
+    for k in range(num_splines)
+    for name in ("derivatives", "heights", "widths")
   ]
   np.testing.assert_allclose(model.inverse(model(x)), x, atol=1e-10)
   pure = nnx.as_pure(nnx.state(model, nnx.Param))
-  linen_params = {
-    f"{kind}_{k}": dict(pure[kind][k]) for kind in ("layers", "splines") for k in (0, 1)
-  }
-  linen = fr.FlowMLP(2, param_dtype=F64, spline_bins=4, spline_bound=1.5)
+  linen_params = {f"layers_{k}": dict(pure["layers"][k]) for k in (0, 1)}
+  linen_params |= {f"splines_{k}": dict(pure["splines"][k]) for k in range(num_splines)}
+  linen = fr.FlowMLP(2, param_dtype=F64, **settings)
   np.testing.assert_allclose(
     linen.apply({"params": linen_params}, x, method="log_prob"), model.log_prob(x), rtol=1e-13
   )

@@ -196,6 +196,19 @@ CASES = {
     3,
     11,
   ),
+  "flowmlp_spline_on_input": lambda: (  # one spline × (widths, heights, derivatives)
+    fr.FlowMLP(
+      3,
+      fr.SmoothLeakyReLU(0.2),
+      param_dtype=F64,
+      spline_bins=4,
+      spline_bound=1.5,
+      spline_placement="input",
+    ),
+    (normal(11, (7, 4)),),
+    3,
+    3,
+  ),
   "two_flows": lambda: (TwoFlows(), (normal(2, (6, 3)),), 3, 2),
   "conditional_with_bias": lambda: (
     conditional(True),

@@ -1,4 +1,5 @@
-"""RationalQuadraticSpline and FlowMLP(spline_bins=K): log-det against jacfwd, inverse, training."""
+"""RationalQuadraticSpline and FlowMLP(spline_bins=K, spline_placement=...): log-det against
+jacfwd, inverse, training."""
 
 import functools
 
@@ -112,11 +113,23 @@ def test_written_out_derivative_rule_equals_autodiff_of_the_formula(float64):
       np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-12)
 
 
-def test_flow_with_splines_log_prob_inverse_and_sampling(float64):
-  model = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.3), param_dtype=F64, spline_bins=4, spline_bound=2.0)
+@pytest.mark.parametrize(
+  "placement, splines", [("every_layer", ["splines_0", "splines_1"]), ("input", ["splines_0"])]
+)
+def test_flow_with_splines_log_prob_inverse_and_sampling(float64, placement, splines):
+  model = fr.FlowMLP(
+    2,
+    fr.SmoothLeakyReLU(0.3),
+    param_dtype=F64,
+    spline_bins=4,
+    spline_bound=2.0,
+    spline_placement=placement,
+  )
   x = 1.5 * jax.random.normal(jax.random.PRNGKey(5), (9, 5), F64)
   params = perturb_params(model.init(jax.random.PRNGKey(0), x)["params"], 1)
-  assert sorted(params) == ["layers_0", "layers_1", "splines_0", "splines_1"]
+  assert sorted(params) == ["layers_0", "layers_1", *splines]
+  _, terms = model.apply({"params": params}, x, method="forward_and_layer_terms")
+  assert [bool(jnp.any(t.spline_log_det != 0)) for t in terms] == [True, placement != "input"]
   apply = lambda method, *args: model.apply({"params": params}, *args, method=method)
   jacobians = jax.vmap(jax.jacfwd(lambda v: apply("__call__", v)))(x)
   z, log_det = apply("forward_and_log_det", x)
@@ -165,6 +178,10 @@ def test_bad_settings_raise(kwargs, message):
     fr.RationalQuadraticSpline(**kwargs).init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
   with pytest.raises(ValueError, match="spline_bins must be >= 0"):
     fr.FlowMLP(2, spline_bins=-1).init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  with pytest.raises(ValueError, match="spline_placement must be one of"):
+    fr.FlowMLP(2, spline_bins=4, spline_placement="output").init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 3))
+    )
 
 
 def test_bfloat16_params_compute_in_float32():

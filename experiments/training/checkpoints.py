@@ -36,6 +36,7 @@ MODEL_FIELDS = (
   "lam",
   "spline_bins",
   "spline_bound",
+  "spline_placement",
 )
 """Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 

@@ -15,9 +15,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.use_bias = True
   config.kernel_init = "orthogonal"  # or "near_identity"
   # Learned elementwise rational-quadratic splines before every dense layer (0: none), acting
-  # on [-spline_bound, spline_bound] and the identity outside.
+  # on [-spline_bound, spline_bound] and the identity outside; spline_placement = "input": one
+  # spline, before the first layer only.
   config.spline_bins = 0
   config.spline_bound = 4.0
+  config.spline_placement = "every_layer"
   # Optimisation.
   config.learning_rate = 1e-4  # Peak learning rate of Adam.
   config.lr_schedule = "constant"  # or "cosine": decay to final_lr_fraction·lr at the last step.

@@ -68,6 +68,7 @@ def create_model(config: ml_collections.ConfigDict) -> fr.FlowMLP:
     # .get: a workdir's config.json from before splines existed has neither field.
     spline_bins=config.get("spline_bins", 0),
     spline_bound=config.get("spline_bound", 4.0),
+    spline_placement=config.get("spline_placement", "every_layer"),
   )
 
 

@@ -4,7 +4,8 @@ bijector's methods from `forward_and_log_det`).
 Data → latent is the forward direction: z = g(x), and log p(x) = log p_base(z) + log|det ∂z/∂x|.
 A binding (Linen or NNX module) inherits `Flow` or `ConditionalFlow` and implements:
 
-- attributes `layers` (its dense layers), `activation` and `splines` (one per layer, or None);
+- attributes `layers` (its dense layers), `activation` and `splines` (before the first
+  len(splines) layers: every one, or only the first; or None);
 - `_width()`: D, or None while a Linen module is being initialized;
 - `_latent_dtype()`: the dtype base draws are made in (the kernels');
 - `_base_params(width)`: (loc, log_scale) of a learned diagonal Gaussian base, or None;

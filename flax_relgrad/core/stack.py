@@ -4,7 +4,7 @@ Row-vector convention. For inputs x of shape (..., D), a stack of L dense layers
 optional spline s_k before layer k and an optional context modulation (t_k, s_k) after it:
 
     z_0 = x
-    v_k = s_k(z_{k-1})                       (v_k = z_{k-1} without splines)
+    v_k = s_k(z_{k-1})                       (v_k = z_{k-1} where layer k has no spline)
     y_k = (v_k W_k + b_k)·exp(log_scale_k) + shift_k   (no modulation: y_k = v_k W_k + b_k)
     z_k = σ(y_k) for k < L,   z_L = y_L      (no activation after the last layer)
 
@@ -33,6 +33,10 @@ Modulation = tuple[jax.Array, jax.Array]
 GaussianParams = tuple[jax.Array, jax.Array] | None
 """(loc, log_scale) of a learned diagonal Gaussian base, or None for N(0, I)."""
 
+SPLINE_PLACEMENTS = ("every_layer", "input")
+"""Where a flow's splines go: before every dense layer, or only before the first (on the input
+x alone). `spline_count` gives the number of splines for each."""
+
 BASES = ("normal", "diagonal_gaussian")
 """Base densities of the flows: N(0, I), or N(loc, diag(exp(2·log_scale))) with learned
 loc and log_scale (D,) (both start at 0). The base's params are ordinary leaves: they take
@@ -56,7 +60,7 @@ class LayerTerms(NamedTuple):
 
   Attributes:
     spline_log_det: Σ_i log s_k,i' of the spline before the layer, per example (...); 0
-      without splines.
+      where the layer has no spline.
     kernel_log_abs_det: log|det W_k|, a scalar (its placeholder in the relative-gradient
       pass).
     modulation_log_det: Σ_i log_scale_k,i of a context modulation, per example (...); 0 for
@@ -87,7 +91,8 @@ class Stack(NamedTuple):
   Attributes:
     layers: the L dense layers.
     activation: the activation between them.
-    splines: one spline per layer (before it), or None.
+    splines: the splines before the first len(splines) layers (one per layer, or only one: on
+      the input), or None.
   """
 
   layers: Sequence[DenseLayer]
@@ -112,8 +117,9 @@ def stack_forward(
   last = len(stack.layers) - 1
   for index, layer in enumerate(stack.layers):
     spline_log_det = modulation_log_det = activation_log_det = zero
-    if stack.splines is not None:
-      z, spline_log_det = stack.splines[index].forward_and_log_det(z)
+    spline = _spline_before(stack, index)
+    if spline is not None:
+      z, spline_log_det = spline.forward_and_log_det(z)
     y = layer(z)
     if modulations is not None:
       shift, log_scale = modulations[index]
@@ -154,13 +160,28 @@ def stack_inverse(
     y = layer.inverse(y)
     if log_det:
       terms.append(layer.log_abs_det())
-    if stack.splines is not None:
-      y = stack.splines[index].inverse(y)
+    spline = _spline_before(stack, index)
+    if spline is not None:
+      y = spline.inverse(y)
       if log_det:
-        terms.append(stack.splines[index].forward_and_log_det(y)[1])
+        terms.append(spline.forward_and_log_det(y)[1])
   if not log_det:
     return y, None
   return y, sum(terms, jnp.zeros(z.shape[:-1], z.dtype))
+
+
+def _spline_before(stack: Stack, index: int) -> Spline | None:
+  """The spline before layer `index`, or None."""
+  if stack.splines is None or index >= len(stack.splines):
+    return None
+  return stack.splines[index]
+
+
+def spline_count(num_layers: int, spline_bins: int, spline_placement: str) -> int:
+  """How many splines a flow with these settings has: L, 1 (on the input) or 0 (no bins)."""
+  if not spline_bins:
+    return 0
+  return num_layers if spline_placement == "every_layer" else 1
 
 
 def standard_normal_log_prob(z: jax.Array) -> jax.Array:
@@ -187,7 +208,9 @@ def gaussian_sample(
   return loc + jnp.exp(log_scale) * noise
 
 
-def check_flow_settings(num_layers: int, base: str, spline_bins: int) -> None:
+def check_flow_settings(
+  num_layers: int, base: str, spline_bins: int, spline_placement: str = "every_layer"
+) -> None:
   """Refuses settings no flow can have."""
   if num_layers < 1:
     raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
@@ -195,6 +218,10 @@ def check_flow_settings(num_layers: int, base: str, spline_bins: int) -> None:
     raise ValueError(f"base must be one of {BASES}, got {base!r}.")
   if spline_bins < 0:
     raise ValueError(f"spline_bins must be >= 0 (0: no splines), got {spline_bins}.")
+  if spline_placement not in SPLINE_PLACEMENTS:
+    raise ValueError(
+      f"spline_placement must be one of {SPLINE_PLACEMENTS}, got {spline_placement!r}."
+    )
 
 
 def check_vectors(x: jax.Array, name: str = "inputs", width: int | None = None) -> None:
