@@ -214,12 +214,12 @@ class FlowMLP(LinenFlowHooks, Flow, nn.Module):
     base: the base density, "normal" (N(0, I), no params) or "diagonal_gaussian" (params
       `base_distribution/loc` and `base_distribution/log_scale`, see `BASES`).
     spline_bins: K > 0 puts a learned elementwise `RationalQuadraticSpline` with K bins
-      before every dense layer (params `splines_k`, identity at init; O(D·K) per example);
-      0 (default): none.
-    spline_placement: "every_layer" (default), or "input": one spline (`splines_0`), on the
-      input x only (see `SPLINE_PLACEMENTS`).
+      before every dense layer (params `splines_k`, identity at init; O(D·K) per example;
+      where: `spline_placement`); 0 (default): none.
     spline_bound: the splines' interval [−B, B] (identity outside it); it should cover the
       bulk of each layer's input (e.g. ±14 for MNIST in logit space).
+    spline_placement: "every_layer" (default), or "input": one spline (`splines_0`), on the
+      input x only (see `SPLINE_PLACEMENTS`); ignored when `spline_bins=0`.
   """
 
   num_layers: int = 2

@@ -384,10 +384,11 @@ class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
     base: "normal" (N(0, I)) or "diagonal_gaussian" (learned `base_distribution.loc` and
       `.log_scale`, ordinary params next to the flow layers).
     spline_bins: K > 0 puts a learned `RationalQuadraticSpline` with K bins before every
-      dense layer (`splines[k]`, identity at init); 0 (default): none.
+      dense layer (`splines[k]`, identity at init; where: `spline_placement`); 0 (default):
+      none.
     spline_bound: the splines' interval [−B, B] (identity outside it).
     spline_placement: "every_layer" (default), or "input": one spline (`splines[0]`), on the
-      input x only.
+      input x only; ignored when `spline_bins=0`.
     rngs: the `nnx.Rngs` that draw the initial kernels.
   """
 

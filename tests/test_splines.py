@@ -10,6 +10,8 @@ import optax
 import pytest
 
 import flax_relgrad as fr
+from flax_relgrad.core.stack import Stack
+from flax_relgrad.core.stack import stack_forward
 from conftest import perturb_params
 
 F64 = jnp.float64
@@ -182,6 +184,19 @@ def test_bad_settings_raise(kwargs, message):
     fr.FlowMLP(2, spline_bins=4, spline_placement="output").init(
       jax.random.PRNGKey(0), jnp.zeros((1, 3))
     )
+
+
+def test_spline_placement_without_bins_and_a_stack_with_a_wrong_spline_count():
+  """Without bins the placement is ignored; the core refuses a stack whose splines are
+  neither one per layer nor one on the input."""
+  x = jnp.ones((2, 3))
+  params = fr.FlowMLP(2, spline_placement="input").init(jax.random.PRNGKey(0), x)["params"]
+  assert sorted(params) == ["layers_0", "layers_1"]
+  model = fr.FlowMLP(3, spline_bins=4)
+  bound = model.bind(model.init(jax.random.PRNGKey(0), x))
+  stack = Stack(bound.layers, bound.activation, bound.splines[:2])
+  with pytest.raises(ValueError, match="one spline per layer or one on the input, got 2"):
+    stack_forward(stack, x)
 
 
 def test_bfloat16_params_compute_in_float32():

@@ -36,7 +36,6 @@ MODEL_FIELDS = (
   "lam",
   "spline_bins",
   "spline_bound",
-  "spline_placement",
 )
 """Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 
@@ -232,6 +231,11 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       for k in MODEL_FIELDS
       if k in saved and k in current and saved[k] != current[k]
     }
+    # A config.json from before spline_placement existed had a spline before every layer;
+    # without bins there is nothing to place.
+    placement = lambda c: c.get("spline_placement", "every_layer") if c.get("spline_bins") else None
+    if placement(saved) != placement(current):
+      changed["spline_placement"] = (placement(saved), placement(current))
     # Averaged params are part of the saved train state or not; their decay may change.
     uses_ema = lambda c: c.get("ema_decay", 0.0) > 0
     if uses_ema(saved) != uses_ema(current):

@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.kernel_init = "orthogonal"  # or "near_identity"
   # Learned elementwise rational-quadratic splines before every dense layer (0: none), acting
   # on [-spline_bound, spline_bound] and the identity outside; spline_placement = "input": one
-  # spline, before the first layer only.
+  # spline, before the first layer only (both ignored without bins).
   config.spline_bins = 0
   config.spline_bound = 4.0
   config.spline_placement = "every_layer"

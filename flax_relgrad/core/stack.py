@@ -172,16 +172,21 @@ def stack_inverse(
 
 def _spline_before(stack: Stack, index: int) -> Spline | None:
   """The spline before layer `index`, or None."""
-  if stack.splines is None or index >= len(stack.splines):
+  if stack.splines is None:
     return None
-  return stack.splines[index]
+  if len(stack.splines) not in (1, len(stack.layers)):
+    raise ValueError(
+      f"A dense stack of {len(stack.layers)} layers takes one spline per layer or one on the "
+      f"input, got {len(stack.splines)} splines."
+    )
+  return stack.splines[index] if index < len(stack.splines) else None
 
 
 def spline_count(num_layers: int, spline_bins: int, spline_placement: str) -> int:
   """How many splines a flow with these settings has: L, 1 (on the input) or 0 (no bins)."""
   if not spline_bins:
     return 0
-  return num_layers if spline_placement == "every_layer" else 1
+  return 1 if spline_placement == "input" else num_layers
 
 
 def standard_normal_log_prob(z: jax.Array) -> jax.Array:

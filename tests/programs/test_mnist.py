@@ -132,6 +132,22 @@ def test_workdir_of_another_model_is_refused(finished_run):
     run(mock_config(num_layers=3), workdir)
 
 
+def test_workdir_of_another_spline_placement_is_refused(tmp_path):
+  """A config.json without `spline_placement` (written before it existed) had a spline before
+  every layer; without bins the placement does not change the model."""
+  splines = mock_config(spline_bins=4)
+  saved = json.loads(splines.to_json())
+  del saved["spline_placement"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="'spline_placement': \\('every_layer', 'input'\\)"):
+    checkpoints.record_config(mock_config(spline_bins=4, spline_placement="input"), str(tmp_path))
+  checkpoints.record_config(splines, str(tmp_path))
+  no_splines = tmp_path / "no_splines"
+  no_splines.mkdir()
+  checkpoints.record_config(mock_config(), str(no_splines))
+  checkpoints.record_config(mock_config(spline_placement="input"), str(no_splines))
+
+
 def test_ema_step_follows_the_warmed_up_average():
   """e_0 = p_0, e_{t+1} = β_t e_t + (1 − β_t) p_{t+1}, β_t = min(decay, (1 + t)/(10 + t)), in
   float64 against the state the jitted step keeps."""
