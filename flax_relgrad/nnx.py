@@ -336,9 +336,10 @@ class _NNXFlowHooks(FlowMethods):
     kernel_init: Initializer,
     param_dtype: Dtype,
     base: str,
-    spline_bins: int,
-    spline_bound: float,
-    spline_placement: str,
+    *,
+    spline_bins: int = 0,
+    spline_bound: float = 4.0,
+    spline_placement: str = "every_layer",
     rngs: nnx.Rngs,
   ) -> None:
     check_flow_settings(num_layers, base, spline_bins, spline_placement)
@@ -415,10 +416,10 @@ class FlowMLP(_NNXFlowHooks, Flow, nnx.Module):
       kernel_init,
       param_dtype,
       base,
-      spline_bins,
-      spline_bound,
-      spline_placement,
-      rngs,
+      spline_bins=spline_bins,
+      spline_bound=spline_bound,
+      spline_placement=spline_placement,
+      rngs=rngs,
     )
 
 
@@ -490,19 +491,7 @@ class ConditionalFlowMLP(_NNXFlowHooks, ConditionalFlow, nnx.Module):
     base: str = "normal",
     rngs: nnx.Rngs,
   ):
-    self._build(
-      width,
-      num_layers,
-      activation,
-      use_bias,
-      kernel_init,
-      param_dtype,
-      base,
-      0,
-      1.0,
-      "every_layer",
-      rngs,
-    )
+    self._build(width, num_layers, activation, use_bias, kernel_init, param_dtype, base, rngs=rngs)
     self.conditioner = conditioner
     self.head = ModulationHead(
       context_features, width, num_layers, scale=context_scale, param_dtype=param_dtype, rngs=rngs
