@@ -37,7 +37,7 @@ def float64():
 def random_flow_params(model: fr.FlowMLP, width: int, seed: int, scale: float = 0.3):
   """Params of `model` for width D, moved away from the orthogonal init so no term vanishes."""
   init_batch = jnp.zeros((2, width), model.param_dtype)
-  params = model.init(jax.random.PRNGKey(seed), init_batch)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), init_batch)["params"]
   return perturb_params(params, seed + 1, scale)
 
 
@@ -63,6 +63,24 @@ def perturb_params(params, seed: int, scale: float = 0.3):
     for leaf, k in zip(leaves, keys, strict=True)
   ]
   return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def jitted(model, params):
+  """`apply(method, *args)`: `model.apply({"params": params}, *args, method=method)` compiled as
+  one program (run eagerly, a flow dispatches hundreds of small operations, each compiled on
+  first use: several times slower in these tests); non-array args (sample counts) stay static."""
+
+  def apply(method, *args):
+    arrays = [a for a in args if isinstance(a, jax.Array)]
+
+    def run(params, arrays):
+      given = iter(arrays)
+      full = [next(given) if isinstance(a, jax.Array) else a for a in args]
+      return model.apply({"params": params}, *full, method=method)
+
+    return jax.jit(run)(params, arrays)
+
+  return apply
 
 
 @pytest.fixture(scope="session", autouse=True)

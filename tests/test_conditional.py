@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import flax_relgrad as fr
+from conftest import jitted
 from conftest import perturb_params
 
 
@@ -23,11 +24,11 @@ def test_log_prob_matches_jacfwd_brute_force(float64, context_scale, conditioner
   model = make_model(context_scale, conditioner, jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(0), (7, 4))
   c = jax.random.normal(jax.random.PRNGKey(1), (7, 2))
-  params = perturb_params(model.init(jax.random.PRNGKey(2), x, c)["params"], 3)
+  params = perturb_params(jax.jit(model.init)(jax.random.PRNGKey(2), x, c)["params"], 3)
   forward = lambda x, c: model.apply({"params": params}, x[None], c[None])[0]
-  jacobians = jax.vmap(jax.jacfwd(forward))(x, c)
+  jacobians = jax.jit(jax.vmap(jax.jacfwd(forward)))(x, c)
   expected = fr.standard_normal_log_prob(jax.vmap(forward)(x, c)) + jnp.linalg.slogdet(jacobians)[1]
-  log_prob = model.apply({"params": params}, x, c, method="log_prob")
+  log_prob = jitted(model, params)("log_prob", x, c)
   np.testing.assert_allclose(log_prob, expected, rtol=1e-10)
 
 

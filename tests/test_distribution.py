@@ -12,26 +12,11 @@ import numpy as np
 import pytest
 
 import flax_relgrad as fr
+from conftest import jitted
 from conftest import perturb_params
 
 F64 = jnp.float64
 D = 3
-
-
-def jitted(model, params):
-  """`apply(method, *args)`: model.apply under jit, non-array args (sample shapes) static."""
-
-  def apply(method, *args):
-    arrays = [a for a in args if isinstance(a, jax.Array)]
-
-    def run(params, arrays):
-      given = iter(arrays)
-      full = [next(given) if isinstance(a, jax.Array) else a for a in args]
-      return model.apply({"params": params}, *full, method=method)
-
-    return jax.jit(run)(params, arrays)
-
-  return apply
 
 
 def flow(dtype=jnp.float32, seed=0):
@@ -173,8 +158,8 @@ def test_layer_terms_add_up_to_the_jacobian_log_det(float64):
     3, fr.SmoothLeakyReLU(0.2), param_dtype=jnp.float64, spline_bins=4, spline_bound=2.0
   )
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3), jnp.float64)
-  params = perturb_params(model.init(jax.random.PRNGKey(1), x)["params"], 2)
-  apply = lambda method, x: model.apply({"params": params}, x, method=method)
+  params = perturb_params(jax.jit(model.init)(jax.random.PRNGKey(1), x)["params"], 2)
+  apply = jitted(model, params)
   z, terms = apply(fr.FlowMLP.forward_and_layer_terms, x)
   assert len(terms) == 3 and all(isinstance(t, fr.LayerTerms) for t in terms)
   for index, term in enumerate(terms):

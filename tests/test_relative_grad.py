@@ -5,6 +5,7 @@ gradient of the full exact loss (every log|det W| term included, through `slogde
 every other leaf must equal its autodiff gradient.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -119,12 +120,13 @@ def mean_nll(module, *args):
 
 
 def relative_updates(model, loss_fn, params, *args, **options):
-  return fr.value_and_relative_grad(model, loss_fn, **options)(params, *args)
+  return jax.jit(fr.value_and_relative_grad(model, loss_fn, **options))(params, *args)
 
 
 def flow_layer_paths(model, loss_fn, params, *args):
   """Paths of the flow layers the loss applies (from what they sow in a plain apply)."""
-  sown = model.apply({"params": params}, *args, method=loss_fn, mutable=["intermediates"])[1]
+  apply = functools.partial(model.apply, method=loss_fn, mutable=["intermediates"])
+  sown = jax.jit(apply)({"params": params}, *args)[1]
   return sorted(
     {
       path[:-1]
@@ -137,7 +139,7 @@ def flow_layer_paths(model, loss_fn, params, *args):
 def check_against_brute_force(model, params, *args, loss_fn=mean_nll):
   """Max relative error of the flow layers' updates; asserts the other leaves are exact."""
   _, updates = relative_updates(model, loss_fn, params, *args)
-  exact = jax.grad(lambda p: model.apply({"params": p}, *args, method=loss_fn))(params)
+  exact = jax.jit(jax.grad(lambda p: model.apply({"params": p}, *args, method=loss_fn)))(params)
   flat_params = flax.traverse_util.flatten_dict(params)
   flat_updates = flax.traverse_util.flatten_dict(updates)
   flat_exact = flax.traverse_util.flatten_dict(exact)
@@ -167,8 +169,8 @@ def check_against_brute_force(model, params, *args, loss_fn=mean_nll):
 
 
 def init(model, *args, method="log_prob", seed=0):
-  params = model.init(jax.random.PRNGKey(seed), *args, method=method)["params"]
-  return perturb_params(params, seed + 1)
+  params = jax.jit(functools.partial(model.init, method=method))(jax.random.PRNGKey(seed), *args)
+  return perturb_params(params["params"], seed + 1)
 
 
 def normal(seed, shape):
