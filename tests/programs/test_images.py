@@ -115,8 +115,8 @@ def test_real_mnist_split_sizes_and_values(real_mnist):
   np.testing.assert_array_equal(
     test_y, data.eval_array(source, splits.test, config.seed, data.TEST_NOISE)
   )
-  # Σ 256·x = Σ pixels + Σ u: the known pixel sum (shared/datasets/mnist/README.md) plus
-  # N/2 ± a few sqrt(N/12) for N uniform noise draws.
+  # Σ 256·x = Σ pixels + Σ u: the sum of every pixel value of the 10 000 original MNIST test
+  # images (264 923 200) plus N/2 ± a few sqrt(N/12) for N uniform noise draws.
   scaled = np.asarray(images.logit_to_pixels(test_y, config.lam), np.float64) * 256
   count = scaled.size
   assert abs(scaled.sum() - 264_923_200 - count / 2) < 5 * math.sqrt(count / 12)
