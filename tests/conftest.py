@@ -5,6 +5,8 @@ which need the `experiments` extra, are in `programs/` (`python -m pytest --igno
 runs the library's alone).
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -34,11 +36,16 @@ def float64():
     yield
 
 
+def perturbed_init(model, *args, seed: int, method=None, scale: float = 0.3):
+  """Params of `model.init` on `args` (key `seed`, under jit), every leaf then moved by
+  `perturb_params(…, seed + 1, scale)` away from the init so that no term vanishes."""
+  init = jax.jit(functools.partial(model.init, method=method))
+  return perturb_params(init(jax.random.PRNGKey(seed), *args)["params"], seed + 1, scale)
+
+
 def random_flow_params(model: fr.FlowMLP, width: int, seed: int, scale: float = 0.3):
   """Params of `model` for width D, moved away from the orthogonal init so no term vanishes."""
-  init_batch = jnp.zeros((2, width), model.param_dtype)
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed), init_batch)["params"]
-  return perturb_params(params, seed + 1, scale)
+  return perturbed_init(model, jnp.zeros((2, width), model.param_dtype), seed=seed, scale=scale)
 
 
 def brute_force_relative_gradient(kernel, bias, kernel_grad, bias_grad):

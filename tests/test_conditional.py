@@ -10,7 +10,7 @@ import pytest
 
 import flax_relgrad as fr
 from conftest import jitted
-from conftest import perturb_params
+from conftest import perturbed_init
 
 
 def make_model(context_scale=True, conditioner=True, dtype=jnp.float32):
@@ -24,7 +24,7 @@ def test_log_prob_matches_jacfwd_brute_force(float64, context_scale, conditioner
   model = make_model(context_scale, conditioner, jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(0), (7, 4))
   c = jax.random.normal(jax.random.PRNGKey(1), (7, 2))
-  params = perturb_params(jax.jit(model.init)(jax.random.PRNGKey(2), x, c)["params"], 3)
+  params = perturbed_init(model, x, c, seed=2)
   forward = lambda x, c: model.apply({"params": params}, x[None], c[None])[0]
   jacobians = jax.jit(jax.vmap(jax.jacfwd(forward)))(x, c)
   expected = fr.standard_normal_log_prob(jax.vmap(forward)(x, c)) + jnp.linalg.slogdet(jacobians)[1]
@@ -36,7 +36,7 @@ def test_context_changes_the_density_and_inverse_round_trips(float64):
   model = make_model(dtype=jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4))  # any leading shape
   c = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 2))
-  params = perturb_params(model.init(jax.random.PRNGKey(2), x, c)["params"], 3)
+  params = perturbed_init(model, x, c, seed=2)
   z = model.apply({"params": params}, x, c)
   np.testing.assert_allclose(
     model.apply({"params": params}, z, c, method="inverse"), x, rtol=1e-9, atol=1e-10
@@ -48,7 +48,7 @@ def test_context_changes_the_density_and_inverse_round_trips(float64):
 def test_sample_one_draw_per_context_row():
   model = make_model()
   c = jnp.linspace(-1, 1, 12).reshape(6, 2)
-  params = perturb_params(model.init(jax.random.PRNGKey(0), jnp.ones((6, 3)), c)["params"], 1, 0.1)
+  params = perturbed_init(model, jnp.ones((6, 3)), c, seed=0, scale=0.1)
   samples = model.apply({"params": params}, jax.random.PRNGKey(2), c, method="sample")
   assert samples.shape == (6, 3) and bool(jnp.all(jnp.isfinite(samples)))
   z = model.apply({"params": params}, samples, c)

@@ -13,7 +13,7 @@ import pytest
 
 import flax_relgrad as fr
 from conftest import jitted
-from conftest import perturb_params
+from conftest import perturbed_init
 
 F64 = jnp.float64
 D = 3
@@ -21,8 +21,7 @@ D = 3
 
 def flow(dtype=jnp.float32, seed=0):
   model = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.2), param_dtype=dtype, base="diagonal_gaussian")
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype))["params"]
-  return model, perturb_params(params, seed + 1, 0.2)
+  return model, perturbed_init(model, jnp.zeros((1, D), dtype), seed=seed, scale=0.2)
 
 
 def conditional(dtype=jnp.float32, seed=0):
@@ -30,10 +29,8 @@ def conditional(dtype=jnp.float32, seed=0):
   model = fr.ConditionalFlowMLP(
     2, conditioner, fr.SmoothLeakyReLU(0.2), param_dtype=dtype, base="diagonal_gaussian"
   )
-  params = jax.jit(model.init)(
-    jax.random.PRNGKey(seed), jnp.zeros((1, D), dtype), jnp.zeros((1, 2), dtype)
-  )["params"]
-  return model, perturb_params(params, seed + 1, 0.2)
+  context = jnp.zeros((1, 2), dtype)
+  return model, perturbed_init(model, jnp.zeros((1, D), dtype), context, seed=seed, scale=0.2)
 
 
 def test_sample_shapes_and_log_prob_of_samples():
@@ -158,7 +155,7 @@ def test_layer_terms_add_up_to_the_jacobian_log_det(float64):
     3, fr.SmoothLeakyReLU(0.2), param_dtype=jnp.float64, spline_bins=4, spline_bound=2.0
   )
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3), jnp.float64)
-  params = perturb_params(jax.jit(model.init)(jax.random.PRNGKey(1), x)["params"], 2)
+  params = perturbed_init(model, x, seed=1)
   apply = jitted(model, params)
   z, terms = apply(fr.FlowMLP.forward_and_layer_terms, x)
   assert len(terms) == 3 and all(isinstance(t, fr.LayerTerms) for t in terms)

@@ -16,6 +16,7 @@ import flax_relgrad as fr
 from conftest import HAS_NNX
 from conftest import brute_force_relative_gradient
 from conftest import perturb_params
+from conftest import perturbed_init
 
 if not HAS_NNX:
   pytest.skip("flax_relgrad.nnx needs flax >= 0.12", allow_module_level=True)
@@ -179,7 +180,7 @@ def test_parity_with_linen_after_100_adam_steps(float64):
   data = normal(0, (400, 4)) @ jnp.array(
     [[1.0, 0.5, 0, 0], [0, 0.3, 0.2, 0], [0.4, 0, 2.0, 0], [0, 0, 0.5, 0.7]]
   )
-  params = perturb_params(linen.init(jax.random.PRNGKey(1), data[:2])["params"], 2, 0.1)
+  params = perturbed_init(linen, data[:2], seed=1, scale=0.1)
   model = frn.FlowMLP(
     4, 2, activation=activation, param_dtype=F64, base="diagonal_gaussian", rngs=nnx.Rngs(0)
   )

@@ -10,7 +10,7 @@ import pytest
 
 import flax_relgrad as fr
 from conftest import brute_force_relative_gradient
-from conftest import perturb_params
+from conftest import perturbed_init
 from conftest import random_flow_params
 
 
@@ -81,7 +81,7 @@ class FlowWithScale(nn.Module):
 def test_flow_as_submodule_and_other_leaves_are_ordinary_gradients():
   model = FlowWithScale()
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
-  params = perturb_params(model.init(jax.random.PRNGKey(1), x)["params"], 2)  # W Wᵀ ≠ I
+  params = perturbed_init(model, x, seed=1)  # W Wᵀ ≠ I
   _, grads = fr.value_and_relative_grad(model, FlowWithScale.__call__)(params, x)
   plain = jax.grad(lambda p: model.apply({"params": p}, x))(params)
   np.testing.assert_allclose(grads["scale"], plain["scale"], rtol=1e-6)

@@ -20,6 +20,7 @@ import flax_relgrad as fr
 from conftest import brute_force_relative_gradient
 from conftest import enable_x64
 from conftest import perturb_params
+from conftest import perturbed_init
 
 F64 = jnp.float64
 
@@ -169,8 +170,7 @@ def check_against_brute_force(model, params, *args, loss_fn=mean_nll):
 
 
 def init(model, *args, method="log_prob", seed=0):
-  params = jax.jit(functools.partial(model.init, method=method))(jax.random.PRNGKey(seed), *args)
-  return perturb_params(params["params"], seed + 1)
+  return perturbed_init(model, *args, seed=seed, method=method)
 
 
 def normal(seed, shape):

@@ -14,6 +14,7 @@ from flax_relgrad.core.stack import Stack
 from flax_relgrad.core.stack import stack_forward
 from conftest import jitted
 from conftest import perturb_params
+from conftest import perturbed_init
 
 F64 = jnp.float64
 
@@ -129,7 +130,7 @@ def test_flow_with_splines_log_prob_inverse_and_sampling(float64, placement, spl
     spline_placement=placement,
   )
   x = 1.5 * jax.random.normal(jax.random.PRNGKey(5), (9, 5), F64)
-  params = perturb_params(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"], 1)
+  params = perturbed_init(model, x, seed=0)
   assert sorted(params) == ["layers_0", "layers_1", *splines]
   apply = jitted(model, params)
   _, terms = apply("forward_and_layer_terms", x)
