@@ -53,7 +53,7 @@ flags.DEFINE_string(
 flags.DEFINE_list("budgets", ["5", "15", "60"], "Wall-clock budgets in minutes.", flag_values=FLAGS)
 flags.DEFINE_list(
   "configs",
-  [f"spline16_{minutes}min" for minutes in (5, 15, 60)],
+  ["spline16_5min", "spline16_15min", "spline4_60min"],
   "flax_relgrad's config for each budget, in the same order: names of experiments/mnist/configs.",
   flag_values=FLAGS,
 )
