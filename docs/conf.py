@@ -30,12 +30,13 @@ extensions = [
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-# docs/flowjax_benchmark, docs/scaling, docs/scaling_gpu, docs/scaling_splines and docs/toy hold
-# benchmark outputs the README links to.
+# docs/flowjax_benchmark, docs/flowjax_benchmark_60min, docs/scaling, docs/scaling_gpu,
+# docs/scaling_splines and docs/toy hold benchmark outputs the README links to.
 # pypi.md is the package page on PyPI (pyproject.toml `readme`), not a page of these docs.
 exclude_patterns = [
   "_build",
   "flowjax_benchmark",
+  "flowjax_benchmark_60min",
   "scaling",
   "scaling_gpu",
   "scaling_splines",
