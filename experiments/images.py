@@ -11,6 +11,7 @@ bits/dim of the pixels. The picture is a grid of model samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 import tempfile
 
@@ -125,6 +126,28 @@ def bits_per_dim(log_prob_logit: jax.Array, y: jax.Array, lam: float) -> jax.Arr
     - num_features * math.log(256.0)
   )
   return -log_prob_pixels / (num_features * math.log(2.0))
+
+
+def pixel_log_probs(
+  log_prob: Callable[[jax.Array], jax.Array],
+  images: jax.Array,
+  key: jax.Array,
+  lam: float,
+  num_draws: int,
+) -> jax.Array:
+  """log p_model(p + u) of uint8 images (N, ...) at `num_draws` noise draws each: (N, K) nats.
+
+  For each image p (D pixels) and each of K draws u ~ U[0, 1)^D, the density of the
+  dequantised pixels x = (p + u)/256 scaled to the integer grid (so that for pixels,
+  log P(p) = log E_u[exp(value)]): log p(y) of the model's input y = logit(λ + (1−2λ)x),
+  plus log|∂y/∂x| and −D·log 256 (`bits_per_dim`'s conversion). `log_prob` maps y (M, D) to
+  log p(y) (M,).
+  """
+  flat = images.reshape(images.shape[0], -1)
+  repeated = jnp.repeat(flat, num_draws, axis=0)
+  y = dequantize_and_logit(repeated, key, lam)
+  bits = bits_per_dim(log_prob(y), y, lam)
+  return (-bits * flat.shape[1] * math.log(2.0)).reshape(flat.shape[0], num_draws)
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:

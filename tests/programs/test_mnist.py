@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from experiments import images
+from experiments.mnist import importance
 from experiments.mnist.configs import test as test_config
 from experiments.training import checkpoints
 from experiments.training import data
@@ -478,3 +479,24 @@ def test_layers_mode_reports_the_best_checkpoint(finished_run):
     report = loop.report_layers(config, str(workdir))
   assert f"best checkpoint (step {metrics['step']})" in report
   assert len(report.splitlines()) == 2 + config.num_layers + 1
+
+
+def test_dequantisation_bounds_of_a_finished_run(finished_run):
+  """`python -m experiments.mnist.importance`: per test image, the importance-weighted bound
+  is at most the single-draw bound (bits/dim; Jensen), equal to it at one draw."""
+  _, workdir, metrics = finished_run
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    run, bounds = importance.dequantisation_bounds(str(workdir), num_draws=8, num_images=10)
+    _, one_draw = importance.dequantisation_bounds(str(workdir), num_draws=1, num_images=10)
+  assert run.step == metrics["step"]
+  assert bounds["single"].shape == bounds["weighted"].shape == (10,)
+  assert np.all(bounds["weighted"] <= bounds["single"]) and np.all(np.isfinite(bounds["weighted"]))
+  np.testing.assert_allclose(one_draw["weighted"], one_draw["single"], rtol=1e-12)
+  report = importance.describe(str(workdir), run, bounds, 8)
+  assert "10 test images, K = 8" in report and "difference:" in report
+
+
+def test_dequantisation_bounds_refuse_bad_arguments(finished_run):
+  _, workdir, _ = finished_run
+  with pytest.raises(ValueError, match="num_draws and num_images must be >= 1"):
+    importance.dequantisation_bounds(str(workdir), num_draws=0, num_images=10)
