@@ -100,9 +100,12 @@ def fit(
 
   Raises:
     ValueError: for arrays of mismatched or empty shapes, non-finite values (naming the
-      first such row), or batch_size > N.
+      first such row), batch_size > N, or max_epochs or patience < 1.
     FloatingPointError: when training diverges (a non-finite loss), naming the epoch.
   """
+  for name, value in (("max_epochs", max_epochs), ("patience", patience)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"fit: {name} must be an int >= 1, got {value!r}.")
   train_arrays, validation_arrays = _as_arrays(train, "train"), _as_arrays(validation, "validation")
   _check_arrays(train_arrays, validation_arrays, batch_size)
   _check_finite(train_arrays, "train")

@@ -27,12 +27,18 @@ every call of a flow layer
   mask), and no O(D³) `slogdet` is computed.
 
 From y, δ and λ, :func:`flax_relgrad.value_and_relative_grad` computes the relative gradient
-in O(B·D²) per layer (`flax_relgrad.relative`).
+in O(B·D²) per layer (`flax_relgrad.relative`). The pass is marked by `relative_pass()`, not
+by which collections are mutable: a plain `apply(..., mutable=True)` (or variables that hold
+a `perturbations` collection it returned) computes the exact log|det W| and makes no
+perturbations. Outside the pass, `intermediates`, when mutable, still receive every y.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence
+import contextlib
+import contextvars
 
 import flax.linen as nn
 import jax
@@ -57,6 +63,22 @@ from flax_relgrad.splines import RationalQuadraticSpline
 
 INTERMEDIATES = "intermediates"
 PERTURBATIONS = "perturbations"
+
+
+_IN_RELATIVE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+  "linen_relative_pass", default=False
+)
+
+
+@contextlib.contextmanager
+def relative_pass() -> Iterator[None]:
+  """Marks the relative-gradient pass (`value_grad_and_relative_args` applies the loss in
+  it): only inside it do flow layers make or read `perturbations`."""
+  token = _IN_RELATIVE_PASS.set(True)
+  try:
+    yield
+  finally:
+    _IN_RELATIVE_PASS.reset(token)
 
 
 class FlowDense(DenseMethods, nn.Module):
@@ -104,7 +126,7 @@ class FlowDense(DenseMethods, nn.Module):
     if self.is_initializing():
       return y
     call = len(self.get_variable(INTERMEDIATES, PREACTIVATION, ()))
-    if not self.sow(INTERMEDIATES, PREACTIVATION, y):
+    if not self.sow(INTERMEDIATES, PREACTIVATION, y) or not _IN_RELATIVE_PASS.get():
       return y
     if self.is_mutable_collection(PERTURBATIONS):  # the shape-only discovery pass
       known: tuple[jax.Array, ...] = self.get_variable(PERTURBATIONS, PREACTIVATION, ())
@@ -124,7 +146,9 @@ class FlowDense(DenseMethods, nn.Module):
   def log_abs_det(self) -> jax.Array:
     """log|det W| (a scalar) by `slogdet`, O(D³), in at least float32; in the
     relative-gradient pass, the placeholder that stands for it (no slogdet)."""
-    if self.is_mutable_collection(PERTURBATIONS) and not self.is_initializing():
+    if not _IN_RELATIVE_PASS.get() or self.is_initializing():
+      return kernel_log_abs_det(self.get_variable("params", "kernel"))
+    if self.is_mutable_collection(PERTURBATIONS):
       value = kernel_log_abs_det(self.get_variable("params", "kernel"))
       self.put_variable(PERTURBATIONS, LOG_ABS_DET, jnp.zeros_like(value))
       return value
@@ -137,10 +161,7 @@ class FlowDense(DenseMethods, nn.Module):
     return self.get_variable("params", "kernel"), bias
 
   def _refuse_inverse_in_relative_pass(self) -> None:
-    in_pass = self.is_mutable_collection(PERTURBATIONS) or self.has_variable(
-      PERTURBATIONS, PREACTIVATION
-    )
-    if in_pass and not self.is_initializing():
+    if _IN_RELATIVE_PASS.get() and not self.is_initializing():
       raise ValueError(
         f"value_and_relative_grad: flow layer '{'/'.join(self.path)}': {INVERSE_IN_RELATIVE_PASS}"
       )

@@ -307,7 +307,13 @@ class RationalQuadraticSpline(SplineMethods, nnx.Module):
     self.derivatives = nnx.Param(jnp.zeros((width, num_bins - 1), param_dtype))
 
   def knots(self, width: int | None = None) -> Knots:
-    """Knot positions x, y and derivatives, each (D, K + 1)."""
+    """Knot positions x, y and derivatives, each (D, K + 1); `width`: the inputs' D, which
+    must be this spline's."""
+    own_width = self.widths[...].shape[0]
+    if width is not None and width != own_width:
+      raise ValueError(
+        f"The spline has D = {own_width} coordinates but got inputs of width {width}."
+      )
     return spline_knots(self.widths[...], self.heights[...], self.derivatives[...], self.bound)
 
 
@@ -576,7 +582,10 @@ def value_grad_and_relative_args(
   def value_grad_and_args_fn(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> tuple[Any, nnx.State, RelativeArgs]:
-    discovered, applied = _discover(model, loss_fn, args, kwargs)
+    try:
+      discovered, applied = _discover(model, loss_fn, args, kwargs)
+    except flax.errors.TraceContextError as error:
+      raise ValueError(RAW_TRANSFORM) from error
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     placeholders = _placeholders(discovered, params, applied, exact_loss, require_log_det)
 
@@ -593,6 +602,8 @@ def value_grad_and_relative_args(
       (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
         loss_and_preactivations, argnums=(0, 1), has_aux=True
       )(model, placeholders, *args, **kwargs)
+    except flax.errors.TraceContextError as error:
+      raise ValueError(RAW_TRANSFORM) from error
     except ValueError as error:
       if _PREACTIVATIONS not in str(error):
         raise
@@ -601,6 +612,15 @@ def value_grad_and_relative_args(
 
   return value_grad_and_args_fn
 
+
+RAW_TRANSFORM = (
+  "flax_relgrad.nnx.value_and_relative_grad: the loss applies a flow layer inside a raw JAX "
+  "transform (jax.vmap, jax.checkpoint, jax.lax.map or scan, or jax.grad/jacfwd through the "
+  "flow), where the layer cannot record its pre-activations. Apply the flow to the whole "
+  "(..., D) batch at once (it maps the last axis of any input), use nnx.vmap or nnx.remat, "
+  "and train losses that differentiate through the flow (score or gradient penalties) with "
+  "nnx.value_and_grad."
+)
 
 BROADCAST_UNDER_VMAP = (
   "flax_relgrad.nnx.value_and_relative_grad: a flow layer is applied inside nnx.vmap with its "

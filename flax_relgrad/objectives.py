@@ -27,6 +27,7 @@ from flax_relgrad.core.dense import kernel_log_abs_det
 from flax_relgrad.flow import INTERMEDIATES
 from flax_relgrad.flow import PERTURBATIONS
 from flax_relgrad.flow import FlowDense
+from flax_relgrad.flow import relative_pass
 from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import relative_gradients
 
@@ -157,7 +158,7 @@ def value_grad_and_relative_args(
       return next_fun(*args, **kwargs)
 
     def discover(params):
-      with nn.intercept_methods(record_flow_layers):
+      with relative_pass(), nn.intercept_methods(record_flow_layers):
         return apply(params, None, [INTERMEDIATES, PERTURBATIONS])[1].get(PERTURBATIONS, {})
 
     try:
@@ -177,7 +178,8 @@ def value_grad_and_relative_args(
     placeholders = _placeholders(discovered, params, applied_layers, exact_loss, require_log_det)
 
     def loss_and_state(params, perturbations):
-      output, state = apply(params, perturbations, [INTERMEDIATES])
+      with relative_pass():
+        output, state = apply(params, perturbations, [INTERMEDIATES])
       loss, _ = output if has_aux else (output, None)
       _check_scalar_loss(loss)
       new_state = {name: state[name] for name in mutable if name in state}
@@ -206,7 +208,9 @@ RAW_TRANSFORM = (
   "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint, where Flax cannot record "
   "its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
   "with variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
-  "variable_broadcast='params' for one flow shared by every step)."
+  "variable_broadcast='params' for one flow shared by every step). A loss that differentiates "
+  "through the flow (jax.grad or jax.jacfwd of log_prob: score or gradient penalties) is "
+  "outside the relative gradient's contract: train it with jax.value_and_grad."
 )
 
 LIFTED_AXES = (

@@ -50,6 +50,15 @@ def relative_layer_update(
     static number of rows R: (W uᵀ) δ costs 2·R·D², W (uᵀ δ) costs R·D² + D³.
   """
   width = kernel.shape[-1]
+  if kernel.shape != (width, width) or preactivation.shape[-1:] != (width,):
+    raise ValueError(
+      f"relative_layer_update needs a (D, D) kernel and pre-activations (..., D), got kernel "
+      f"{kernel.shape} and pre-activations {preactivation.shape}."
+    )
+  if delta.shape != preactivation.shape:
+    raise ValueError(
+      f"δ must have the pre-activations' shape {preactivation.shape}, got {delta.shape}."
+    )
   u = preactivation.reshape(-1, width)
   delta = delta.reshape(-1, width)
   if bias is not None:
@@ -100,46 +109,68 @@ def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArg
     relative_args: the flow layers' y, δ and λ from the same pass.
 
   Returns:
-    A tree like `grads`; the leaves of other parameters are untouched.
+    A tree like `grads`, each leaf in its dtype (that of its parameter: a bfloat16 kernel
+    gets a bfloat16 ΔW, so optimizer states keep their dtypes); the leaves of other
+    parameters are untouched.
   """
   replacements = {
     path: update
     for layer in _layer_updates(params, relative_args)
     for path, update in layer.replacements.items()
   }
-  return jax.tree_util.tree_map_with_path(
-    lambda key_path, leaf: replacements.get(_path(key_path), leaf), grads
-  )
+
+  def replace(key_path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+    update = replacements.get(_path(key_path))
+    return leaf if update is None else update.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(replace, grads)
 
 
 def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> jax.Array:
-  """Whether `grads` differ from the Euclidean gradient that `relative_args` were made with,
-  beyond rounding (a boolean scalar): they were scaled, clipped, accumulated, averaged or
-  otherwise changed, or come from another batch.
+  """Whether finite `grads` differ from the Euclidean gradient that `relative_args` were made
+  with at `params`, beyond rounding (a boolean scalar): they were scaled, clipped,
+  accumulated, averaged, decayed or otherwise changed, come from another batch, or `params`
+  are not the ones they were taken at. Non-finite grads are not a mismatch: they make a
+  non-finite update, as a diverged step does with any optimizer.
 
-  Per flow layer, the bias leaf must equal Σ_rows δ; a layer without bias is checked through
-  its kernel leaf G, whose inner product with W must equal Σ_rows (y − b)·δ, as
-  ⟨zᵀ δ, W⟩ = Σ (z W)·δ. O(B·D) per layer.
+  Per flow layer, two fingerprints, O(B·D) each: the kernel leaf G must satisfy
+  ⟨G, W⟩ = Σ_rows (y − b)·δ, as ⟨zᵀ δ, W⟩ = Σ (z W)·δ (the log-det term is a placeholder
+  in that pass, so G = zᵀ δ); and the bias leaf must equal Σ_rows δ. The allowed error is
+  1e-3 of the expected value plus √ε times the sum of the absolute terms (ε of the coarser
+  of the leaf's and the computation's dtype), so changes below about 1e-3 of the gradient
+  (e.g. a weight decay of 1e-4) can pass unnoticed.
   """
   leaves = {
     _path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
   }
-  mismatches = []
+  mismatches, finite = [], []
   for layer in _layer_updates(params, relative_args):
+    kernel_grad = leaves[layer.kernel_path]
+    accumulate = jnp.promote_types(layer.kernel_inner.dtype, jnp.float32)
+    products = kernel_grad.astype(accumulate) * layer.kernel.astype(accumulate)
+    checks = [
+      (
+        kernel_grad.dtype,
+        products.sum(),
+        layer.kernel_inner,
+        layer.kernel_inner_abs + jnp.abs(products).sum(),
+      )
+    ]
+    finite.append(jnp.all(jnp.isfinite(kernel_grad)))
     if layer.bias_path is not None:
-      expected, tolerance_scale = layer.delta_sum, layer.delta_abs_sum
-      received = leaves[layer.bias_path]
-    else:
-      expected, tolerance_scale = layer.kernel_inner, layer.kernel_inner_abs
-      received = (leaves[layer.kernel_path] * layer.kernel).sum()
-    dtype = jnp.promote_types(expected.dtype, jnp.float32)
-    eps = jnp.finfo(jnp.promote_types(received.dtype, expected.dtype)).eps
-    error = jnp.linalg.norm((received - expected).astype(dtype).ravel())
-    allowed = 1e-3 * jnp.linalg.norm(expected.astype(dtype).ravel()) + jnp.sqrt(
-      eps
-    ) * jnp.linalg.norm(tolerance_scale.astype(dtype).ravel())
-    mismatches.append(~(error <= allowed))  # NaN counts as a mismatch
-  return jnp.any(jnp.stack(mismatches)) if mismatches else jnp.array(False)
+      bias_grad = leaves[layer.bias_path]
+      checks.append((bias_grad.dtype, bias_grad, layer.delta_sum, layer.delta_abs_sum))
+      finite.append(jnp.all(jnp.isfinite(bias_grad)))
+    for leaf_dtype, received, expected, scale in checks:
+      eps = max(jnp.finfo(leaf_dtype).eps, jnp.finfo(expected.dtype).eps)
+      error = jnp.linalg.norm((received - expected).astype(accumulate).ravel())
+      allowed = 1e-3 * jnp.linalg.norm(expected.astype(accumulate).ravel()) + jnp.sqrt(
+        eps
+      ) * jnp.linalg.norm(scale.astype(accumulate).ravel())
+      mismatches.append(~(error <= allowed))
+  if not mismatches:
+    return jnp.array(False)
+  return jnp.all(jnp.stack(finite)) & jnp.any(jnp.stack(mismatches))
 
 
 def _path(key_path: tuple[Any, ...]) -> Path:

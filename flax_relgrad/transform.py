@@ -45,8 +45,9 @@ MISSING_ARGS = (
 MISMATCH = (
   "relative_jacobian() received gradients that differ from those its relative_args were "
   "made with. It must come first in the chain, directly on the grads of "
-  "fr.value_grad_and_relative_args from the same call (same batch, same params). Scale, "
-  "clip, accumulate (optax.MultiSteps) or average across devices after it: "
+  "fr.value_grad_and_relative_args from the same call, with the params they were taken at "
+  "(same batch, same params). Scale, clip, decay weights (optax.add_decayed_weights, also "
+  "masked to kernels), accumulate (optax.MultiSteps) or average across devices after it: "
   "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3))."
 )
 

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import flax_relgrad as fr
+from conftest import enable_x64
 
 
 def skewed_data(n, seed):
@@ -63,6 +64,9 @@ def test_fit_refuses_bad_arrays_and_reports_divergence():
     fr.fit(model, params, jnp.ones((10, 3)), jnp.ones((10, 3)), batch_size=20, progress=False)
   with pytest.raises(ValueError, match="N >= 1 rows"):
     fr.fit(model, params, jnp.ones((0, 3)), jnp.ones((10, 3)), progress=False)
+  for setting in ({"max_epochs": 0}, {"patience": 0}, {"patience": -1}, {"max_epochs": 2.5}):
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be an int >= 1"):
+      fr.fit(model, params, jnp.ones((10, 3)), jnp.ones((10, 3)), progress=False, **setting)
   with pytest.raises(FloatingPointError, match="fit diverged in epoch 1"):
     fr.fit(
       model,
@@ -104,3 +108,28 @@ def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
       (validation, context),
       progress=False,
     )
+
+
+def test_fit_bfloat16_params_and_float64_data_keep_the_param_dtypes():
+  """The relative gradient of a bfloat16 flow comes back in bfloat16 (and that of a float32
+  flow fed float64 NumPy data under x64 in float32), so `fit`'s scanned steps keep their
+  carry types; before, the scan refused the changed optimizer-state dtype."""
+  data = np.random.default_rng(0).normal(size=(120, 4))
+  model = fr.FlowMLP(num_layers=2, param_dtype=jnp.bfloat16)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4)))["params"]
+  result = fr.fit(
+    model, params, data[:100], data[100:], batch_size=20, max_epochs=1, progress=False
+  )
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.params)} == {
+    jnp.dtype(jnp.bfloat16)
+  }
+  with enable_x64(True):
+    model = fr.FlowMLP(num_layers=2)
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.float32))["params"]
+    result = fr.fit(
+      model, params, data[:100], data[100:], batch_size=20, max_epochs=1, progress=False
+    )
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.params)} == {
+    jnp.dtype(jnp.float32)
+  }
+  assert np.isfinite(result.history["validation_nll"][0])

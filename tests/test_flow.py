@@ -124,6 +124,32 @@ def test_bad_inputs_raise_clear_errors():
     fr.near_identity()(jax.random.PRNGKey(0), (3, 4))
 
 
+def test_wrong_dtypes_widths_and_sample_shapes_raise_clear_errors():
+  """Integer inputs (a spline before the first layer would cast its output back to int and
+  give a wrong density), latents or layer outputs of another width, and sample shapes that
+  are not positive ints; NumPy and JAX integer scalars are ints."""
+  model = fr.FlowMLP(num_layers=2, spline_bins=3)
+  variables = model.init(jax.random.PRNGKey(0), jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="floating-point inputs, got dtype int32"):
+    model.apply(variables, jnp.ones((2, 3), jnp.int32), method="log_prob")
+  with pytest.raises(ValueError, match=r"D = 3 \(3×3 kernels\) but got latents of shape \(2, 5\)"):
+    model.apply(variables, jnp.ones((2, 5)), method="base_log_prob")
+  layer = fr.FlowDense()
+  layer_variables = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match=r"outputs y of shape \(2, 1\)"):
+    layer.apply(layer_variables, jnp.ones((2, 1)), method="inverse")
+  with pytest.raises(ValueError, match=r"pre-activations \(6, 2\)"):
+    fr.relative_layer_update(jnp.eye(3), None, jnp.ones((6, 2)), jnp.ones((6, 2)))
+  with pytest.raises(ValueError, match="δ must have the pre-activations' shape"):
+    fr.relative_layer_update(jnp.eye(3), None, jnp.ones((6, 3)), jnp.ones((3, 3)))
+  rng = jax.random.PRNGKey(1)
+  for bad in (0, True, (2, 0), 2.0, jnp.ones(2, int)):
+    with pytest.raises(ValueError, match="sample_shape must be an int or a tuple of ints >= 1"):
+      model.apply(variables, rng, bad, method="sample")
+  assert model.apply(variables, rng, np.int64(4), method="sample").shape == (4, 3)
+  assert model.apply(variables, rng, (jnp.int32(2), 5), method="sample").shape == (2, 5, 3)
+
+
 def test_bfloat16_params_init_train_log_prob_and_sample():
   """LAPACK has no bfloat16 QR/LU on CPU: factorisations run in float32, results come back.
   (Splines with bfloat16 params: test_splines.py.)"""
@@ -152,3 +178,22 @@ def test_bfloat16_params_init_train_log_prob_and_sample():
     and samples.dtype == jnp.bfloat16
     and bool(jnp.all(jnp.isfinite(samples)))
   )
+
+
+def test_plain_apply_with_every_collection_mutable_keeps_the_exact_log_det(float64):
+  """`apply(..., mutable=True)` is not the relative-gradient pass: it returns the sown
+  pre-activations but no `perturbations`, and variables merged with what it returned (or
+  holding a `perturbations` collection from anywhere) still give the exact log p, whose
+  log|det W| terms are not replaced by placeholders, and still sample."""
+  model = fr.FlowMLP(num_layers=2, spline_bins=3)
+  params = random_flow_params(model, 3, seed=0)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  exact = model.apply({"params": params}, x, method="log_prob")
+  log_prob, state = model.apply({"params": params}, x, method="log_prob", mutable=True)
+  assert sorted(state) == ["intermediates", "params"]
+  assert len(state["intermediates"]["layers_0"][fr.PREACTIVATION]) == 1
+  np.testing.assert_array_equal(log_prob, exact)
+  stale = {"layers_0": {fr.LOG_ABS_DET: 0.0}, "layers_1": {fr.LOG_ABS_DET: 0.0}}
+  for variables in ({**state, "params": params}, {"params": params, "perturbations": stale}):
+    np.testing.assert_array_equal(model.apply(variables, x, method="log_prob"), exact)
+    assert model.apply(variables, jax.random.PRNGKey(2), 5, method="sample").shape == (5, 3)

@@ -431,3 +431,28 @@ def test_conditional_brute_force_and_linen_parity(float64):
   )
   with pytest.raises(TypeError, match="takes one context array"):
     model.log_prob(x)
+
+
+def test_inputs_of_another_width_are_refused():
+  """A standalone spline or dense layer refuses inputs whose D is not its own instead of
+  broadcasting them against its (D,) parameters."""
+  spline = frn.RationalQuadraticSpline(3, 4)
+  for method in (spline.forward_and_log_det, spline.inverse):
+    with pytest.raises(ValueError, match="D = 3 coordinates but got inputs of width 1"):
+      method(jnp.ones((2, 1)))
+  layer = frn.FlowDense(3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"outputs y of shape \(2, 1\)"):
+    layer.inverse(jnp.ones((2, 1)))
+
+
+def test_raw_jax_transforms_in_the_loss_name_the_fix():
+  """A raw jax.vmap or jax.checkpoint around the flow in the loss raises the library's advice
+  instead of Flax's TraceContextError about a private class."""
+  model = frn.FlowMLP(4, num_layers=2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+  for loss in (
+    lambda m, x: -jax.vmap(m.log_prob)(x).mean(),
+    lambda m, x: -jax.checkpoint(m.log_prob)(x).mean(),
+  ):
+    with pytest.raises(ValueError, match="applies a flow layer inside a raw JAX transform"):
+      frn.value_and_relative_grad(loss)(model, x)

@@ -128,6 +128,11 @@ def dense_forward_and_log_det(
 def dense_inverse(kernel: jax.Array, bias: jax.Array | None, y: jax.Array) -> jax.Array:
   """z = (y − b) W⁻¹ for y (..., D): one LU factorisation of the (D, D) kernel, in at least
   float32; differentiable (reverse mode through the LU solve)."""
+  if y.ndim < 1 or y.shape[-1] != kernel.shape[-1]:
+    raise ValueError(
+      f"The layer has D = {kernel.shape[-1]} ({kernel.shape} kernel) but got outputs y of "
+      f"shape {y.shape} to invert; they must be (..., {kernel.shape[-1]})."
+    )
   if bias is not None:
     y = y - bias
   dtype = factorisation_dtype(y.dtype)

@@ -116,6 +116,7 @@ class FlowMethods:
 
   def base_log_prob(self, z: jax.Array) -> jax.Array:
     """log p_base(z) per latent (..., D), shape (...)."""
+    check_vectors(z, "latents", self._width())
     return gaussian_log_prob(z, self._base_params(z.shape[-1]))
 
   def inverse(self, z: jax.Array, *context: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import math
+import operator
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -239,11 +240,26 @@ def check_vectors(x: jax.Array, name: str = "inputs", width: int | None = None) 
     )
   if x.size == 0:
     raise ValueError(f"The flow got empty {name} of shape {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+      f"The flow expects floating-point {name}, got dtype {x.dtype}: cast them first, e.g. "
+      "x.astype(jnp.float32) (integer data such as pixels: dequantise them)."
+    )
 
 
 def sample_shape_tuple(sample_shape: Any) -> tuple[int, ...]:
-  """`sample_shape` as a tuple: 8 → (8,), (2, 5) → (2, 5), () → ()."""
-  shape = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
-  if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
-    raise ValueError(f"sample_shape must be an int or a tuple of ints >= 0, got {sample_shape!r}.")
-  return tuple(shape)
+  """`sample_shape` as a tuple of ints >= 1: 8 → (8,), (2, 5) → (2, 5), () → (); NumPy and JAX
+  integer scalars count as ints, bools do not."""
+  error = ValueError(f"sample_shape must be an int or a tuple of ints >= 1, got {sample_shape!r}.")
+  shape = sample_shape if isinstance(sample_shape, (tuple, list)) else (sample_shape,)
+  sizes = []
+  for size in shape:
+    if isinstance(size, bool) or getattr(size, "ndim", 0) != 0:
+      raise error
+    try:
+      sizes.append(operator.index(size))
+    except TypeError:
+      raise error from None
+  if any(size < 1 for size in sizes):
+    raise error
+  return tuple(sizes)
