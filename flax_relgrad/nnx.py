@@ -76,13 +76,24 @@ from flax_relgrad.core.stack import GaussianParams
 from flax_relgrad.core.stack import Modulation
 from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.core.stack import spline_count
-from flax_relgrad.objectives import _check_scalar_loss
-from flax_relgrad.objectives import _placeholders
 from flax_relgrad.relative import RelativeArgs
+from flax_relgrad.relative import check_scalar_loss
+from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
 
 PyTree = Any
 Path = tuple[Any, ...]
+
+__all__ = [
+  "ConditionalFlowMLP",
+  "DiagonalGaussian",
+  "FlowDense",
+  "FlowMLP",
+  "ModulationHead",
+  "RationalQuadraticSpline",
+  "value_and_relative_grad",
+  "value_grad_and_relative_args",
+]
 
 ORTHOGONAL = nnx.initializers.orthogonal()
 """The default kernel initializer (as in the Linen modules)."""
@@ -587,14 +598,14 @@ def value_grad_and_relative_args(
     except flax.errors.TraceContextError as error:
       raise ValueError(RAW_TRANSFORM) from error
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    placeholders = _placeholders(discovered, params, applied, exact_loss, require_log_det)
+    placeholders = make_placeholders(discovered, params, applied, exact_loss, require_log_det)
 
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
       with _relative_pass(model, _by_layer(perturbations)) as tracker:
         output = loss_fn(model, *args, **kwargs)
         recorded = tracker.recorded_preactivations()
       loss = output[0] if has_aux else output
-      _check_scalar_loss(loss)
+      check_scalar_loss(loss)
       calls = {path + (PREACTIVATION,): ys for path, ys in recorded.items()}
       return loss, (output, flax.traverse_util.unflatten_dict(calls))
 

@@ -20,15 +20,14 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from flax_relgrad.core.dense import LOG_ABS_DET
 from flax_relgrad.core.dense import PREACTIVATION
-from flax_relgrad.core.dense import factorisation_dtype
-from flax_relgrad.core.dense import kernel_log_abs_det
 from flax_relgrad.flow import INTERMEDIATES
 from flax_relgrad.flow import PERTURBATIONS
 from flax_relgrad.flow import FlowDense
 from flax_relgrad.flow import relative_pass
 from flax_relgrad.relative import RelativeArgs
+from flax_relgrad.relative import check_scalar_loss
+from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
 
 PyTree = Any
@@ -175,13 +174,15 @@ def value_grad_and_relative_args(
       if not _looks_like_lifted_axes(error):
         raise
       raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
-    placeholders = _placeholders(discovered, params, applied_layers, exact_loss, require_log_det)
+    placeholders = make_placeholders(
+      discovered, params, applied_layers, exact_loss, require_log_det
+    )
 
     def loss_and_state(params, perturbations):
       with relative_pass():
         output, state = apply(params, perturbations, [INTERMEDIATES])
       loss, _ = output if has_aux else (output, None)
-      _check_scalar_loss(loss)
+      check_scalar_loss(loss)
       new_state = {name: state[name] for name in mutable if name in state}
       return loss, (output, new_state, _preactivations(state.get(INTERMEDIATES, {})))
 
@@ -251,76 +252,12 @@ def _check_model_state(model_state: PyTree, mutable: Sequence[str]) -> dict[str,
   return model_state
 
 
-def _placeholders(
-  discovered: PyTree,
-  params: PyTree,
-  applied_layers: set[tuple[str, ...]],
-  exact_loss: bool,
-  require_log_det: bool,
-) -> PyTree:
-  """Zero perturbations shaped like the discovered ones; log-det placeholders filled in."""
-  flat = flax.traverse_util.flatten_dict(discovered)
-  layers = {path[:-1] for path in flat if path[-1] in (PREACTIVATION, LOG_ABS_DET)}
-  untracked = applied_layers - {path[:-1] for path in flat if path[-1] == PREACTIVATION}
-  if untracked:
-    raise ValueError(
-      f"value_and_relative_grad: flow layers {sorted('/'.join(p) for p in untracked)} were "
-      "applied where the relative-gradient collections do not reach them: inside nn.vmap or "
-      "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same "
-      "axis as 'params' (0), e.g. variable_axes={'params': 0, 'intermediates': 0, "
-      "'perturbations': 0}."
-    )
-  if not layers:
-    raise ValueError(
-      "value_and_relative_grad: the loss applies no flow layer (FlowDense); the relative "
-      "gradient is for models that contain one. Use jax.value_and_grad otherwise."
-    )
-  flat_params = flax.traverse_util.flatten_dict(params)
-  placeholders: dict[tuple[str, ...], Any] = {}
-  for layer in sorted(layers):
-    name = "/".join(map(str, layer)) or "<root>"
-    preactivations = flat.get(layer + (PREACTIVATION,), ())
-    for y in preactivations:
-      if y.size == 0:
-        raise ValueError(
-          f"value_and_relative_grad: flow layer '{name}' was applied to an empty batch {y.shape}."
-        )
-    placeholders[layer + (PREACTIVATION,)] = tuple(
-      jnp.zeros(y.shape, y.dtype) for y in preactivations
-    )
-    kernel = flat_params[layer + ("kernel",)]
-    # One value per kernel; under nn.scan with broadcast params, one per step (shape (T,)).
-    discovered_log_det = flat.get(layer + (LOG_ABS_DET,))
-    shape = kernel.shape[:-2] if discovered_log_det is None else discovered_log_det.shape
-    if exact_loss:
-      log_abs_det = jnp.broadcast_to(kernel_log_abs_det(jax.lax.stop_gradient(kernel)), shape)
-    else:
-      log_abs_det = jnp.zeros(shape, factorisation_dtype(kernel.dtype))
-    # Unused by a loss without the log-det (require_log_det=False), it gets gradient λ = 0.
-    placeholders[layer + (LOG_ABS_DET,)] = log_abs_det
-    if layer + (LOG_ABS_DET,) not in flat and require_log_det:
-      raise ValueError(
-        f"value_and_relative_grad: the loss applies flow layer '{name}' but never uses its "
-        "log|det W|, so it is not a likelihood (use log_prob or forward_and_log_det, which "
-        "include it). If the loss truly does not contain it, pass require_log_det=False."
-      )
-  return flax.traverse_util.unflatten_dict(placeholders)
-
-
 def _preactivations(intermediates: PyTree) -> PyTree:
   """The flow layers' sown pre-activations, without anything else the model sowed."""
   flat = flax.traverse_util.flatten_dict(intermediates)
   return flax.traverse_util.unflatten_dict(
     {p: v for p, v in flat.items() if p[-1] == PREACTIVATION}
   )
-
-
-def _check_scalar_loss(loss: Any) -> None:
-  if jnp.shape(loss) != ():
-    raise ValueError(
-      f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
-      " (reduce over the batch, e.g. with .mean(); with has_aux=True return (loss, aux))."
-    )
 
 
 def nll(module: nn.Module, x: jax.Array, *args: Any) -> jax.Array:

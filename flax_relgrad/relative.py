@@ -19,11 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
 from flax_relgrad.core.dense import LOG_ABS_DET
 from flax_relgrad.core.dense import PREACTIVATION
+from flax_relgrad.core.dense import factorisation_dtype
+from flax_relgrad.core.dense import kernel_log_abs_det
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -318,3 +321,68 @@ def _check_layer(
   if sum(y.size for y in preactivations) == 0:
     raise ValueError(f"{prefix} was applied to an empty batch; there is nothing to learn from.")
   return kernel, bias, log_det_grad
+
+
+def make_placeholders(
+  discovered: PyTree,
+  params: PyTree,
+  applied_layers: set[tuple[str, ...]],
+  exact_loss: bool,
+  require_log_det: bool,
+) -> PyTree:
+  """Zero perturbations shaped like the discovered ones (`{layer path: {PREACTIVATION: (y per
+  call,), LOG_ABS_DET: ...}}`); log-det placeholders filled in (both bindings' passes)."""
+  flat = flax.traverse_util.flatten_dict(discovered)
+  layers = {path[:-1] for path in flat if path[-1] in (PREACTIVATION, LOG_ABS_DET)}
+  untracked = applied_layers - {path[:-1] for path in flat if path[-1] == PREACTIVATION}
+  if untracked:
+    raise ValueError(
+      f"value_and_relative_grad: flow layers {sorted('/'.join(p) for p in untracked)} were "
+      "applied where the relative-gradient collections do not reach them: inside nn.vmap or "
+      "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same "
+      "axis as 'params' (0), e.g. variable_axes={'params': 0, 'intermediates': 0, "
+      "'perturbations': 0}."
+    )
+  if not layers:
+    raise ValueError(
+      "value_and_relative_grad: the loss applies no flow layer (FlowDense); the relative "
+      "gradient is for models that contain one. Use jax.value_and_grad otherwise."
+    )
+  flat_params = flax.traverse_util.flatten_dict(params)
+  placeholders: dict[tuple[str, ...], Any] = {}
+  for layer in sorted(layers):
+    name = "/".join(map(str, layer)) or "<root>"
+    preactivations = flat.get(layer + (PREACTIVATION,), ())
+    for y in preactivations:
+      if y.size == 0:
+        raise ValueError(
+          f"value_and_relative_grad: flow layer '{name}' was applied to an empty batch {y.shape}."
+        )
+    placeholders[layer + (PREACTIVATION,)] = tuple(
+      jnp.zeros(y.shape, y.dtype) for y in preactivations
+    )
+    kernel = flat_params[layer + ("kernel",)]
+    # One value per kernel; under nn.scan with broadcast params, one per step (shape (T,)).
+    discovered_log_det = flat.get(layer + (LOG_ABS_DET,))
+    shape = kernel.shape[:-2] if discovered_log_det is None else discovered_log_det.shape
+    if exact_loss:
+      log_abs_det = jnp.broadcast_to(kernel_log_abs_det(jax.lax.stop_gradient(kernel)), shape)
+    else:
+      log_abs_det = jnp.zeros(shape, factorisation_dtype(kernel.dtype))
+    # Unused by a loss without the log-det (require_log_det=False), it gets gradient λ = 0.
+    placeholders[layer + (LOG_ABS_DET,)] = log_abs_det
+    if layer + (LOG_ABS_DET,) not in flat and require_log_det:
+      raise ValueError(
+        f"value_and_relative_grad: the loss applies flow layer '{name}' but never uses its "
+        "log|det W|, so it is not a likelihood (use log_prob or forward_and_log_det, which "
+        "include it). If the loss truly does not contain it, pass require_log_det=False."
+      )
+  return flax.traverse_util.unflatten_dict(placeholders)
+
+
+def check_scalar_loss(loss: Any) -> None:
+  if jnp.shape(loss) != ():
+    raise ValueError(
+      f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
+      " (reduce over the batch, e.g. with .mean(); with has_aux=True return (loss, aux))."
+    )

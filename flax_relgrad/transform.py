@@ -57,7 +57,8 @@ def relative_jacobian() -> optax.GradientTransformationExtraArgs:
 
   `update(grads, state, params, *, relative_args)` replaces the kernel and bias leaves of
   every flow layer by ΔW = Ŵ Ŵᵀ Ĝ restricted to W and b (Ŵ = [[W, 0], [b, 1]], Ĝ the
-  Euclidean gradient with every log|det W| term: the −W term included), computed in O(B·D²)
+  Euclidean gradient with every log|det W| term: its λ W⁻ᵀ becomes λ W, −W for the batch
+  mean of −log p), computed in O(B·D²)
   from the layer's y, δ and λ; other leaves pass through. `grads` and `relative_args` must be
   the outputs of one `fr.value_grad_and_relative_args` (or
   `flax_relgrad.nnx.value_grad_and_relative_args`) call at `params`; anything else raises
