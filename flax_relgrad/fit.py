@@ -86,6 +86,7 @@ def fit(
     params: initial parameters (`model.init(...)["params"]`).
     train: x (N, D), or a tuple (x, context (N, C), ...) for a conditional flow: JAX or
       NumPy arrays, or anything `np.asarray` takes (integers become float32); all finite.
+      A tuple is always (x, context, ...); a list is x itself (rows of numbers).
     validation: the same for the validation set.
     optimizer: any optax optimizer; default `optax.adam(1e-3)`.
     batch_size: examples per step (each epoch drops the last N mod batch_size of a fresh
@@ -170,7 +171,7 @@ def _log_det_terms(model: nn.Module, params: PyTree, *batch: jax.Array) -> jax.A
 def _as_arrays(arrays: ArrayLike | Sequence[ArrayLike], name: str) -> tuple[np.ndarray, ...]:
   """x, or (x, context, ...), as NumPy arrays (from JAX or NumPy arrays, lists or anything
   array-like); integers become float32."""
-  if isinstance(arrays, (tuple, list)) and not _is_numeric_list(arrays):
+  if isinstance(arrays, tuple) or (isinstance(arrays, list) and not _is_numeric_list(arrays)):
     parts: tuple[Any, ...] = tuple(arrays)
   else:
     parts = (arrays,)

@@ -108,6 +108,18 @@ def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
       (validation, context),
       progress=False,
     )
+  # A tuple is (x, context) even when its parts are nested lists.
+  as_lists = lambda *arrays: tuple(a.tolist() for a in arrays)
+  history = fr.fit(
+    conditional,
+    conditional_params,
+    as_lists(train, np.ones((300, 1))),
+    as_lists(validation, np.ones((100, 1))),
+    max_epochs=1,
+    batch_size=50,
+    progress=False,
+  ).history
+  assert np.isfinite(history["validation_nll"][0])
 
 
 def test_fit_bfloat16_params_and_float64_data_keep_the_param_dtypes():

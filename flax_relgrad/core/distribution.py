@@ -75,6 +75,7 @@ class FlowMethods:
     return None
 
   def _forward(self, x: jax.Array, context: tuple[jax.Array, ...], kernel_log_dets: bool):
+    x = jnp.asarray(x)  # NumPy float64 becomes float32 here, as JAX does, when x64 is off
     check_vectors(x, width=self._width())
     self._base_params(x.shape[-1])  # a Linen module creates a learned base's params at init
     modulations = self._modulations(context, x.shape[:-1], x.shape[-1])
@@ -132,6 +133,7 @@ class FlowMethods:
   def _inverse(
     self, z: jax.Array, context: tuple[jax.Array, ...], log_det: bool
   ) -> tuple[jax.Array, Any]:
+    z = jnp.asarray(z)
     check_vectors(z, "latents", self._width())
     modulations = self._modulations(context, z.shape[:-1], z.shape[-1])
     return stack_inverse(self._stack(), z, modulations, log_det)
