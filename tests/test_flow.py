@@ -1,5 +1,7 @@
 """FlowMLP: exact log-likelihood against a brute-force Jacobian, inverse, sampling, transforms."""
 
+import warnings
+
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -148,6 +150,9 @@ def test_wrong_dtypes_widths_and_sample_shapes_raise_clear_errors():
       model.apply(variables, rng, bad, method="sample")
   assert model.apply(variables, rng, np.int64(4), method="sample").shape == (4, 3)
   assert model.apply(variables, rng, (jnp.int32(2), 5), method="sample").shape == (2, 5, 3)
+  with warnings.catch_warnings():  # NumPy float64 with x64 off: converted, no JAX warning
+    warnings.simplefilter("error")
+    assert model.apply(variables, np.ones((2, 3)), method="log_prob").dtype == jnp.float32
 
 
 def test_bfloat16_params_init_train_log_prob_and_sample():
