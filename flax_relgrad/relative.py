@@ -11,7 +11,10 @@ and premultiplying the gradient by Ŵ Ŵᵀ (docs/method.md, "Exact relative gra
 
 No inverse and no slogdet: O(B·D²) per layer. Ŵ Ŵᵀ is positive definite for invertible W, so
 following −(ΔW, Δb) descends the loss, and the fixed points are those of exact maximum
-likelihood. `relative_gradients` puts these in place of a gradient tree's flow-layer leaves.
+likelihood. `relative_gradients` puts these in place of a gradient tree's flow-layer leaves;
+`euclidean_mismatch` is `relative_jacobian()`'s run-time check. What both bindings' passes
+share is here too: `make_placeholders` (zero perturbations and log-det placeholders) and
+`check_scalar_loss`.
 """
 
 from __future__ import annotations
