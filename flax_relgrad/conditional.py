@@ -89,7 +89,7 @@ class ConditionalFlowMLP(LinenFlowHooks, ConditionalFlow, nn.Module):
   base: str = "normal"
 
   def setup(self):
-    check_flow_settings(self.num_layers, self.base, 0)
+    check_flow_settings(self.num_layers, self.base, 0, activation=self.activation)
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
     self.splines = None
     self.head = ModulationHead(self.num_layers, self.context_scale, self.param_dtype)

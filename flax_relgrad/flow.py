@@ -254,7 +254,13 @@ class FlowMLP(LinenFlowHooks, Flow, nn.Module):
   spline_placement: str = "every_layer"
 
   def setup(self):
-    check_flow_settings(self.num_layers, self.base, self.spline_bins, self.spline_placement)
+    check_flow_settings(
+      self.num_layers,
+      self.base,
+      self.spline_bins,
+      self.spline_placement,
+      activation=self.activation,
+    )
     self.layers = make_layers(self.num_layers, self.use_bias, self.kernel_init, self.param_dtype)
     self.splines = (
       [

@@ -312,6 +312,8 @@ class RationalQuadraticSpline(SplineMethods, nnx.Module):
     self, width: int, num_bins: int = 8, bound: float = 4.0, *, param_dtype: Dtype = jnp.float32
   ):
     check_spline_settings(num_bins, bound)
+    if width < 1:
+      raise ValueError(f"A spline needs width D >= 1, got {width}.")
     self.bound = bound
     self.widths = nnx.Param(jnp.zeros((width, num_bins), param_dtype))
     self.heights = nnx.Param(jnp.zeros((width, num_bins), param_dtype))
@@ -359,7 +361,9 @@ class _NNXFlowHooks(FlowMethods):
     spline_placement: str = "every_layer",
     rngs: nnx.Rngs,
   ) -> None:
-    check_flow_settings(num_layers, base, spline_bins, spline_placement)
+    check_flow_settings(
+      num_layers, base, spline_bins, spline_placement, activation=activation, width=width
+    )
     self.width = width
     self.activation = activation
     self.layers = nnx.List(

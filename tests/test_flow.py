@@ -124,6 +124,12 @@ def test_bad_inputs_raise_clear_errors():
     fr.FlowMLP(2).init(jax.random.PRNGKey(0), jnp.zeros(()))
   with pytest.raises(ValueError, match="square kernels"):
     fr.near_identity()(jax.random.PRNGKey(0), (3, 4))
+  for flow, args in (
+    (fr.FlowMLP(2, jnp.tanh), ()),
+    (fr.ConditionalFlowMLP(2, activation=jnp.tanh), (jnp.ones((1, 2)),)),
+  ):
+    with pytest.raises(ValueError, match="activation must be an Activation"):
+      flow.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), *args)
 
 
 def test_wrong_dtypes_widths_and_sample_shapes_raise_clear_errors():

@@ -456,3 +456,14 @@ def test_raw_jax_transforms_in_the_loss_name_the_fix():
   ):
     with pytest.raises(ValueError, match="applies a flow layer inside a raw JAX transform"):
       frn.value_and_relative_grad(loss)(model, x)
+
+
+def test_widths_below_one_and_non_activations_are_refused():
+  for make, message in (
+    (lambda: frn.FlowMLP(0, 2, rngs=nnx.Rngs(0)), "width D >= 1, got 0"),
+    (lambda: frn.FlowDense(0, rngs=nnx.Rngs(0)), "width D >= 1, got 0"),
+    (lambda: frn.RationalQuadraticSpline(-1, 4), "width D >= 1, got -1"),
+    (lambda: frn.FlowMLP(3, 2, activation=jnp.tanh, rngs=nnx.Rngs(0)), "must be an Activation"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      make()

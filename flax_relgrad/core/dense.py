@@ -108,6 +108,8 @@ def init_kernel(
 ) -> jax.Array:
   """A (D, D) kernel drawn by `kernel_init` in at least float32, then cast to `param_dtype`
   (orthogonal initializers factorise)."""
+  if width < 1:
+    raise ValueError(f"A flow layer needs width D >= 1, got {width}.")
   return kernel_init(key, (width, width), factorisation_dtype(param_dtype)).astype(param_dtype)
 
 

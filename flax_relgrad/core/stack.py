@@ -215,9 +215,22 @@ def gaussian_sample(
 
 
 def check_flow_settings(
-  num_layers: int, base: str, spline_bins: int, spline_placement: str = "every_layer"
+  num_layers: int,
+  base: str,
+  spline_bins: int,
+  spline_placement: str = "every_layer",
+  *,
+  activation: Any,
+  width: int | None = None,
 ) -> None:
-  """Refuses settings no flow can have."""
+  """Refuses settings no flow can have (`width`: D, where the binding is told it up front)."""
+  if width is not None and width < 1:
+    raise ValueError(f"A flow needs width D >= 1, got {width}.")
+  if not isinstance(activation, Activation):
+    raise ValueError(
+      f"activation must be an Activation (σ with __call__, log_derivative and inverse), e.g. "
+      f"fr.SmoothLeakyReLU(0.5); got {activation!r}."
+    )
   if num_layers < 1:
     raise ValueError(f"A dense flow needs num_layers >= 1, got {num_layers}.")
   if base not in BASES:
