@@ -157,7 +157,7 @@ def test_wrong_dtypes_widths_and_sample_shapes_raise_clear_errors():
   assert model.apply(variables, rng, np.int64(4), method="sample").shape == (4, 3)
   assert model.apply(variables, rng, (jnp.int32(2), 5), method="sample").shape == (2, 5, 3)
   with warnings.catch_warnings():  # NumPy float64 with x64 off: converted, no JAX warning
-    warnings.simplefilter("error")
+    warnings.filterwarnings("error", message="Explicitly requested dtype")
     assert model.apply(variables, np.ones((2, 3)), method="log_prob").dtype == jnp.float32
 
 
