@@ -99,7 +99,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   workdir, num_draws = flags.FLAGS.workdir, flags.FLAGS.num_draws
-  run, bounds = dequantisation_bounds(workdir, num_draws, flags.FLAGS.num_images, flags.FLAGS.seed)
+  try:
+    run, bounds = dequantisation_bounds(
+      workdir, num_draws, flags.FLAGS.num_images, flags.FLAGS.seed
+    )
+  except (ValueError, FileNotFoundError) as error:  # bad flags or workdir: one line, no trace
+    raise app.UsageError(str(error)) from error
   print(describe(workdir, run, bounds, num_draws))
 
 
