@@ -12,7 +12,7 @@ and premultiplying the gradient by Ŵ Ŵᵀ (docs/method.md, "Exact relative gra
 No inverse and no slogdet: O(B·D²) per layer. Ŵ Ŵᵀ is positive definite for invertible W, so
 following −(ΔW, Δb) descends the loss, and the fixed points are those of exact maximum
 likelihood. `relative_gradients` puts these in place of a gradient tree's flow-layer leaves;
-`euclidean_mismatch` is `relative_jacobian()`'s run-time check. What both bindings' passes
+`checked_relative_gradients` adds `relative_jacobian()`'s run-time check. What both bindings' passes
 share is here too: `make_placeholders` (zero perturbations and log-det placeholders) and
 `check_scalar_loss`.
 """
@@ -119,11 +119,21 @@ def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArg
     gets a bfloat16 ΔW, so optimizer states keep their dtypes); the leaves of other
     parameters are untouched.
   """
-  replacements = {
-    path: update
-    for layer in _layer_updates(params, relative_args)
-    for path, update in layer.replacements.items()
-  }
+  return _replace_flow_leaves(grads, _layer_updates(params, relative_args))
+
+
+def checked_relative_gradients(
+  params: PyTree, grads: PyTree, relative_args: RelativeArgs
+) -> tuple[PyTree, jax.Array]:
+  """`relative_gradients` and `_euclidean_mismatch`'s verdict on `grads` (a boolean scalar),
+  from one computation of the layer updates: `relative_jacobian()`'s step."""
+  layers = _layer_updates(params, relative_args)
+  return _replace_flow_leaves(grads, layers), _euclidean_mismatch(grads, layers)
+
+
+def _replace_flow_leaves(grads: PyTree, layers: list[_LayerUpdate]) -> PyTree:
+  """`grads` with the flow layers' leaves replaced by their updates, cast to the leaves' dtypes."""
+  replacements = {path: update for layer in layers for path, update in layer.replacements.items()}
 
   def replace(key_path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
     update = replacements.get(_path(key_path))
@@ -132,11 +142,11 @@ def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArg
   return jax.tree_util.tree_map_with_path(replace, grads)
 
 
-def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> jax.Array:
-  """Whether finite `grads` differ from the Euclidean gradient that `relative_args` were made
-  with at `params`, beyond rounding (a boolean scalar): they were scaled, clipped,
-  accumulated, averaged, decayed or otherwise changed, come from another batch, or `params`
-  are not the ones they were taken at. Non-finite grads are not a mismatch: they make a
+def _euclidean_mismatch(grads: PyTree, layers: list[_LayerUpdate]) -> jax.Array:
+  """Whether finite `grads` differ from the Euclidean gradient that `layers` (computed from
+  `params` and `relative_args`) were made with, beyond rounding (a boolean scalar): they were
+  scaled, clipped, accumulated, averaged, decayed or otherwise changed, come from another
+  batch, or `params` are not the ones they were taken at. Non-finite grads are not a mismatch: they make a
   non-finite update, as a diverged step does with any optimizer.
 
   Per flow layer, two fingerprints, O(B·D) each: the kernel leaf G must satisfy
@@ -150,7 +160,7 @@ def euclidean_mismatch(params: PyTree, grads: PyTree, relative_args: RelativeArg
     _path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
   }
   mismatches, finite = [], []
-  for layer in _layer_updates(params, relative_args):
+  for layer in layers:
     kernel_grad = leaves[layer.kernel_path]
     accumulate = jnp.promote_types(layer.kernel_inner.dtype, jnp.float32)
     products = kernel_grad.astype(accumulate) * layer.kernel.astype(accumulate)

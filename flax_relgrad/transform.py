@@ -13,7 +13,7 @@ uses (`flax_relgrad.relative.relative_gradients`)::
 Safety. The rewrite builds each flow layer's update from the y, δ and λ in `relative_args`,
 not from the incoming gradient leaf, so anything done to the gradient before it would be
 lost. The transform therefore checks, at run time and in O(B·D) per layer, that the gradient
-it receives is the one `relative_args` were made with (`euclidean_mismatch`), and raises
+it receives is the one `relative_args` were made with (`checked_relative_gradients`), and raises
 otherwise: gradients scaled, clipped, accumulated (`optax.MultiSteps` around it) or averaged
 across devices before it, another transform before it in the chain, or `relative_args` from
 another batch. Missing, foreign or empty `relative_args` and missing `params` raise at once.
@@ -30,8 +30,7 @@ import jax
 import optax
 
 from flax_relgrad.relative import RelativeArgs
-from flax_relgrad.relative import euclidean_mismatch
-from flax_relgrad.relative import relative_gradients
+from flax_relgrad.relative import checked_relative_gradients
 
 MISSING_ARGS = (
   "relative_jacobian() needs relative_args: call tx.update(grads, opt_state, params, "
@@ -87,9 +86,9 @@ def relative_jacobian() -> optax.GradientTransformationExtraArgs:
       raise ValueError(
         "relative_jacobian() needs params: tx.update(grads, opt_state, params, relative_args=...)."
       )
-    mismatch = euclidean_mismatch(params, updates, relative_args)
+    relative, mismatch = checked_relative_gradients(params, updates, relative_args)
     jax.debug.callback(_raise_if_mismatch, mismatch)
-    return relative_gradients(params, updates, relative_args), state
+    return relative, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
