@@ -361,9 +361,7 @@ class _NNXFlowHooks(FlowMethods):
     spline_placement: str = "every_layer",
     rngs: nnx.Rngs,
   ) -> None:
-    check_flow_settings(
-      num_layers, base, spline_bins, spline_placement, activation=activation, width=width
-    )
+    check_flow_settings(num_layers, base, spline_bins, spline_placement, activation=activation)
     self.width = width
     self.activation = activation
     self.layers = nnx.List(
@@ -597,13 +595,6 @@ def value_grad_and_relative_args(
   def value_grad_and_args_fn(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> tuple[Any, nnx.State, RelativeArgs]:
-    try:
-      discovered, applied = _discover(model, loss_fn, args, kwargs)
-    except flax.errors.TraceContextError as error:
-      raise ValueError(RAW_TRANSFORM) from error
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    placeholders = make_placeholders(discovered, params, applied, exact_loss, require_log_det)
-
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
       with _relative_pass(model, _by_layer(perturbations)) as tracker:
         output = loss_fn(model, *args, **kwargs)
@@ -614,6 +605,9 @@ def value_grad_and_relative_args(
       return loss, (output, flax.traverse_util.unflatten_dict(calls))
 
     try:
+      discovered, applied = _discover(model, loss_fn, args, kwargs)
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      placeholders = make_placeholders(discovered, params, applied, exact_loss, require_log_det)
       (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
         loss_and_preactivations, argnums=(0, 1), has_aux=True
       )(model, placeholders, *args, **kwargs)

@@ -221,11 +221,8 @@ def check_flow_settings(
   spline_placement: str = "every_layer",
   *,
   activation: Any,
-  width: int | None = None,
 ) -> None:
-  """Refuses settings no flow can have (`width`: D, where the binding is told it up front)."""
-  if width is not None and width < 1:
-    raise ValueError(f"A flow needs width D >= 1, got {width}.")
+  """Refuses settings no flow can have (a width below 1 is refused by `init_kernel`)."""
   if not isinstance(activation, Activation):
     raise ValueError(
       f"activation must be an Activation (σ with __call__, log_derivative and inverse), e.g. "
