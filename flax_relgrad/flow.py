@@ -68,16 +68,25 @@ PERTURBATIONS = "perturbations"
 _IN_RELATIVE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar(
   "linen_relative_pass", default=False
 )
+_CUT_PARAM_GRADIENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+  "linen_cut_param_gradients", default=False
+)
 
 
 @contextlib.contextmanager
-def relative_pass() -> Iterator[None]:
+def relative_pass(cut_param_gradients: bool = False) -> Iterator[None]:
   """Marks the relative-gradient pass (`value_grad_and_relative_args` applies the loss in
-  it): only inside it do flow layers make or read `perturbations`."""
+  it): only inside it do flow layers make or read `perturbations`. With
+  `cut_param_gradients`, each flow layer computes y from `stop_gradient` of its kernel and
+  bias, so their autodiff gradient holds only what the loss does with them elsewhere (a
+  penalty on W, weights tied to another module): `value_and_relative_grad` adds that part's
+  relative gradient to the one it builds from y, δ and λ."""
   token = _IN_RELATIVE_PASS.set(True)
+  cut_token = _CUT_PARAM_GRADIENTS.set(cut_param_gradients)
   try:
     yield
   finally:
+    _CUT_PARAM_GRADIENTS.reset(cut_token)
     _IN_RELATIVE_PASS.reset(token)
 
 
@@ -92,10 +101,11 @@ class FlowDense(DenseMethods, nn.Module):
 
   Contract for layers built around it (what keeps the relative gradient exact): the sown
   pre-activation is exactly z @ kernel + bias with this layer's own `kernel` and `bias`
-  params; the loss depends on them only through y and `log_abs_det()`. Context-dependent
-  shifts or scales go *after* the layer, in another module (as in `ConditionalFlowMLP`),
-  never into its y. `value_and_relative_grad` refuses a flow layer whose params hold anything
-  but `kernel` and `bias`.
+  params. Context-dependent shifts or scales go *after* the layer, in another module (as in
+  `ConditionalFlowMLP`), never into its y. `value_and_relative_grad` refuses a flow layer
+  whose params hold anything but `kernel` and `bias`. A loss that also reads them directly
+  (a penalty on W, a weight tied to another module) gets those terms' relative gradient
+  too, at O(D³) per step for each such layer; `relative_jacobian()` refuses it.
 
   Attributes:
     use_bias: whether to add the bias b.
@@ -116,9 +126,12 @@ class FlowDense(DenseMethods, nn.Module):
     kernel = self.param(
       "kernel", lambda key: init_kernel(self.kernel_init, key, width, self.param_dtype)
     )
+    bias = self.param("bias", self.bias_init, (width,), self.param_dtype) if self.use_bias else None
+    if _IN_RELATIVE_PASS.get() and _CUT_PARAM_GRADIENTS.get():
+      kernel, bias = jax.lax.stop_gradient((kernel, bias))
     y = z @ kernel
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (width,), self.param_dtype)
+    if bias is not None:
+      y = y + bias
     return self._track_preactivation(y)
 
   def _track_preactivation(self, y: jax.Array) -> jax.Array:

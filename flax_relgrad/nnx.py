@@ -130,9 +130,18 @@ class _RelativePass:
     shapes: {path: [ShapeDtypeStruct of y per call]}, the stack's axes in front (discovery).
     log_det_layers: paths of the layers whose log|det W| the loss used.
     stack_shapes: {path: the leading axes of the layer's kernel, () unless stacked}.
+    cut_param_gradients: whether the layers compute y from `stop_gradient` of their kernel
+      and bias, so that the params' autodiff gradient holds only what the loss does with
+      them elsewhere (`value_and_relative_grad`'s pass; see `flax_relgrad.flow.relative_pass`).
   """
 
-  def __init__(self, model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None):
+  def __init__(
+    self,
+    model: nnx.Module,
+    perturbations: dict[Path, dict[str, Any]] | None,
+    cut_param_gradients: bool = False,
+  ):
+    self.cut_param_gradients = cut_param_gradients
     self.layers = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
     self.perturbations = perturbations
     self.calls: dict[Path, int] = {}
@@ -217,9 +226,11 @@ _ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def _relative_pass(
-  model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None
+  model: nnx.Module,
+  perturbations: dict[Path, dict[str, Any]] | None,
+  cut_param_gradients: bool = False,
 ) -> Iterator[_RelativePass]:
-  tracker = _RelativePass(model, perturbations)
+  tracker = _RelativePass(model, perturbations, cut_param_gradients)
   tracker.attach()
   token = _ACTIVE.set(tracker)
   try:
@@ -265,10 +276,13 @@ class FlowDense(DenseMethods, nnx.Module):
 
   def __call__(self, z: jax.Array) -> jax.Array:
     """Maps z (..., D) to y = z W + b (..., D)."""
-    y = z @ self.kernel[...]
-    if self.bias is not None:
-      y = y + self.bias[...]
+    kernel, bias = self._kernel_and_bias()
     tracker = _ACTIVE.get()
+    if tracker is not None and tracker.cut_param_gradients:
+      kernel, bias = jax.lax.stop_gradient((kernel, bias))
+    y = z @ kernel
+    if bias is not None:
+      y = y + bias
     return y if tracker is None else tracker.preactivation(self, y)
 
   def log_abs_det(self) -> jax.Array:
@@ -563,8 +577,8 @@ def value_and_relative_grad(
     The function `(model, *args, **kwargs) -> (value, grads)`.
   """
 
-  value_grad_and_args = value_grad_and_relative_args(
-    loss_fn, has_aux=has_aux, exact_loss=exact_loss, require_log_det=require_log_det
+  value_grad_and_args = _relative_pass_fn(
+    loss_fn, has_aux, exact_loss, require_log_det, cut_param_gradients=True
   )
 
   def value_and_grad_fn(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State]:
@@ -591,12 +605,24 @@ def value_grad_and_relative_args(
       loss, grads, relative_args = grad_fn(model, x)
       optimizer.update(model, grads, relative_args=relative_args)
   """
+  return _relative_pass_fn(loss_fn, has_aux, exact_loss, require_log_det, cut_param_gradients=False)
+
+
+def _relative_pass_fn(
+  loss_fn: LossFn,
+  has_aux: bool,
+  exact_loss: bool,
+  require_log_det: bool,
+  cut_param_gradients: bool,
+) -> Callable[..., tuple[Any, nnx.State, RelativeArgs]]:
+  """The pass both public functions share; with `cut_param_gradients` (`value_and_relative_grad`)
+  the flow layers' leaves of grads hold only the loss's other uses of their params."""
 
   def value_grad_and_args_fn(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> tuple[Any, nnx.State, RelativeArgs]:
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
-      with _relative_pass(model, _by_layer(perturbations)) as tracker:
+      with _relative_pass(model, _by_layer(perturbations), cut_param_gradients) as tracker:
         output = loss_fn(model, *args, **kwargs)
         recorded = tracker.recorded_preactivations()
       loss = output[0] if has_aux else output

@@ -73,9 +73,9 @@ def value_and_relative_grad(
   Args:
     model: the Linen module (unbound).
     loss_fn: `loss_fn(module, *args, **kwargs)` returning a scalar (or (scalar, aux)), or the
-      name of a method of `model` that does. It may depend on a flow layer's params only
-      through the layer's output and `log_abs_det()` (an L2 penalty on W in the loss would be
-      ignored: use `optax.add_decayed_weights`).
+      name of a method of `model` that does. It may also read a flow layer's params directly
+      (an L2 or orthogonality penalty on W, a weight tied to another module): that part of
+      Ĝ gets its Ŵ Ŵᵀ Ĝ term at O(D³) per step for each layer read, and only then.
     has_aux: whether `loss_fn` returns (loss, aux).
     exact_loss: compute each flow layer's log|det W| by `slogdet` (forward only, O(D³)), so
       that the returned loss is exact. Needed for exactness when the loss is not affine in
@@ -92,13 +92,8 @@ def value_and_relative_grad(
   Returns:
     The function `(params, *args, rngs=None, model_state=None, **kwargs) -> (value, grads)`.
   """
-  value_grad_and_args = value_grad_and_relative_args(
-    model,
-    loss_fn,
-    has_aux=has_aux,
-    exact_loss=exact_loss,
-    require_log_det=require_log_det,
-    mutable=mutable,
+  value_grad_and_args = _relative_pass_fn(
+    model, loss_fn, has_aux, exact_loss, require_log_det, mutable, cut_param_gradients=True
   )
 
   def value_and_grad_fn(params: PyTree, *args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
@@ -130,6 +125,22 @@ def value_grad_and_relative_args(
       loss, grads, relative_args = grad_fn(params, x)
       updates, opt_state = tx.update(grads, opt_state, params, relative_args=relative_args)
   """
+  return _relative_pass_fn(
+    model, loss_fn, has_aux, exact_loss, require_log_det, mutable, cut_param_gradients=False
+  )
+
+
+def _relative_pass_fn(
+  model: nn.Module,
+  loss_fn: LossFn | str,
+  has_aux: bool,
+  exact_loss: bool,
+  require_log_det: bool,
+  mutable: Sequence[str],
+  cut_param_gradients: bool,
+) -> Callable[..., tuple[Any, PyTree, RelativeArgs]]:
+  """The pass both public functions share; with `cut_param_gradients` (`value_and_relative_grad`)
+  the flow layers' leaves of grads hold only the loss's other uses of their params."""
 
   def value_grad_and_args_fn(
     params: PyTree, *args: Any, rngs: Any = None, model_state: PyTree = None, **kwargs: Any
@@ -179,7 +190,7 @@ def value_grad_and_relative_args(
     )
 
     def loss_and_state(params, perturbations):
-      with relative_pass():
+      with relative_pass(cut_param_gradients):
         output, state = apply(params, perturbations, [INTERMEDIATES])
       loss, _ = output if has_aux else (output, None)
       check_scalar_loss(loss)

@@ -11,8 +11,13 @@ and premultiplying the gradient by Ŵ Ŵᵀ (docs/method.md, "Exact relative gra
 
 No inverse and no slogdet: O(B·D²) per layer. Ŵ Ŵᵀ is positive definite for invertible W, so
 following −(ΔW, Δb) descends the loss, and the fixed points are those of exact maximum
-likelihood. `relative_gradients` puts these in place of a gradient tree's flow-layer leaves;
-`checked_relative_gradients` adds `relative_jacobian()`'s run-time check. What both bindings' passes
+likelihood. A loss that also reads W or b directly (a penalty, a tied weight) adds a gradient
+(G_W', g_b') that y, δ and λ do not carry; its term is Ŵ Ŵᵀ Ĝ' itself
+(`_augmented_metric_product`, O(D³)). `relative_gradients` (for `value_and_relative_grad`,
+whose pass returns that gradient alone in the flow leaves) puts the sum in place of a gradient
+tree's flow-layer leaves; `checked_relative_gradients` (for `relative_jacobian()`, which
+receives the whole Euclidean gradient) puts the update from y, δ and λ there and adds the
+transform's run-time check. What both bindings' passes
 share is here too: `make_placeholders` (zero perturbations and log-det placeholders) and
 `check_scalar_loss`.
 """
@@ -103,30 +108,82 @@ class RelativeArgs(NamedTuple):
 
 
 def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> PyTree:
-  """`grads` with the kernel and bias leaves of every flow layer replaced by (ΔW, Δb).
+  """`value_and_relative_grad`'s rewrite: every flow layer's kernel and bias leaves become its
+  exact relative gradient, the other leaves stay.
 
-  The one implementation of the rewrite, shared by `value_and_relative_grad` and
-  `relative_jacobian()`.
+  `grads` come from a pass in which the flow layers computed y from `stop_gradient` of their
+  params, so a flow layer's leaves hold (G_W, g_b) of what the loss does with W and b
+  *besides* the layer (a penalty on W, a tied weight): zero for a plain likelihood. The
+  result is the update from y, δ and λ plus `_augmented_metric_product` of those leaves,
+  which is computed (O(D³)) only when one of them is non-zero.
 
   Args:
     params: the parameters the gradients were taken at.
-    grads: autodiff gradients of the loss with respect to params (nested dicts, or an NNX
-      `nnx.State`).
+    grads: those autodiff gradients (nested dicts, or an NNX `nnx.State`).
     relative_args: the flow layers' y, δ and λ from the same pass.
 
   Returns:
     A tree like `grads`, each leaf in its dtype (that of its parameter: a bfloat16 kernel
-    gets a bfloat16 ΔW, so optimizer states keep their dtypes); the leaves of other
-    parameters are untouched.
+    gets a bfloat16 ΔW, so optimizer states keep their dtypes).
   """
-  return _replace_flow_leaves(grads, _layer_updates(params, relative_args))
+  leaves = _flat_leaves(grads)
+  layers = [_with_direct_terms(layer, leaves) for layer in _layer_updates(params, relative_args)]
+  return _replace_flow_leaves(grads, layers)
+
+
+def _augmented_metric_product(
+  kernel: jax.Array, bias: jax.Array | None, kernel_grad: jax.Array, bias_grad: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
+  """Ŵ Ŵᵀ Ĝ restricted to (W, b) for any Euclidean gradient (G_W, g_b), O(D³).
+
+  With Ŵ = [[W, 0], [b, 1]] and Ĝ = [[G_W, 0], [g_b, 0]], Ŵᵀ Ĝ = [[M, 0], [g_b, 0]] with
+  M = Wᵀ G_W + bᵀ g_b (bᵀ g_b the outer product), so ΔW = W M and Δb = g_b + b M; without a
+  bias, ΔW = W Wᵀ G_W. Leading axes (a stack of kernels) broadcast. Computed in at least
+  float32, returned in that dtype.
+  """
+  dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+  kernel, kernel_grad = kernel.astype(dtype), kernel_grad.astype(dtype)
+  metric = jnp.swapaxes(kernel, -1, -2) @ kernel_grad
+  if bias is None or bias_grad is None:
+    return kernel @ metric, None
+  bias, bias_grad = bias.astype(dtype), bias_grad.astype(dtype)
+  metric = metric + bias[..., :, None] * bias_grad[..., None, :]
+  return kernel @ metric, bias_grad + (bias[..., None, :] @ metric)[..., 0, :]
+
+
+def _with_direct_terms(layer: _LayerUpdate, leaves: dict[Path, jax.Array]) -> _LayerUpdate:
+  """`layer` with `_augmented_metric_product` of its leaves in `leaves` (the loss's direct uses
+  of W and b) added to its updates, under a `lax.cond` that skips the O(D³) products when
+  those leaves are all zero."""
+  kernel_grad = leaves[layer.kernel_path]
+  bias_grad = None if layer.bias_path is None else leaves[layer.bias_path]
+  grads = (kernel_grad,) if bias_grad is None else (kernel_grad, bias_grad)
+  used = jnp.any(jnp.stack([jnp.any(grad != 0) for grad in grads]))
+
+  def direct_terms() -> tuple[jax.Array, ...]:
+    kernel_term, bias_term = _augmented_metric_product(
+      layer.kernel, layer.bias, kernel_grad, bias_grad
+    )
+    return (kernel_term,) if bias_term is None else (kernel_term, bias_term)
+
+  dtype = jnp.promote_types(layer.kernel.dtype, jnp.float32)
+  terms = jax.lax.cond(
+    used, direct_terms, lambda: tuple(jnp.zeros(grad.shape, dtype) for grad in grads)
+  )
+  paths = (layer.kernel_path,) if layer.bias_path is None else (layer.kernel_path, layer.bias_path)
+  replacements = dict(layer.replacements)
+  for path, term in zip(paths, terms, strict=True):
+    replacements[path] = replacements[path] + term
+  return layer._replace(replacements=replacements)
 
 
 def checked_relative_gradients(
   params: PyTree, grads: PyTree, relative_args: RelativeArgs
 ) -> tuple[PyTree, jax.Array]:
-  """`relative_gradients` and `_euclidean_mismatch`'s verdict on `grads` (a boolean scalar),
-  from one computation of the layer updates: `relative_jacobian()`'s step."""
+  """`relative_jacobian()`'s step: `grads` (the Euclidean gradient of a
+  `value_grad_and_relative_args` pass) with every flow layer's leaves replaced by the update
+  from y, δ and λ, and `_euclidean_mismatch`'s verdict on `grads` (a boolean scalar), from
+  one computation of the layer updates."""
   layers = _layer_updates(params, relative_args)
   return _replace_flow_leaves(grads, layers), _euclidean_mismatch(grads, layers)
 
@@ -156,9 +213,7 @@ def _euclidean_mismatch(grads: PyTree, layers: list[_LayerUpdate]) -> jax.Array:
   of the leaf's and the computation's dtype), so changes below about 1e-3 of the gradient
   (e.g. a weight decay of 1e-4) can pass unnoticed.
   """
-  leaves = {
-    _path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
-  }
+  leaves = _flat_leaves(grads)
   mismatches, finite = [], []
   for layer in layers:
     kernel_grad = leaves[layer.kernel_path]
@@ -189,6 +244,11 @@ def _euclidean_mismatch(grads: PyTree, layers: list[_LayerUpdate]) -> jax.Array:
   return jnp.all(jnp.stack(finite)) & jnp.any(jnp.stack(mismatches))
 
 
+def _flat_leaves(tree: PyTree) -> dict[Path, jax.Array]:
+  """{dict-key path: leaf} of a gradient or parameter tree (dicts or `nnx.State`)."""
+  return {_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _path(key_path: tuple[Any, ...]) -> Path:
   """The dict keys of a pytree path: Flax NNX's `nnx.State` adds attribute keys around its leaves."""
   return tuple(str(key.key) for key in key_path if isinstance(key, jax.tree_util.DictKey))
@@ -199,6 +259,7 @@ class _LayerUpdate(NamedTuple):
 
   replacements: dict[Path, jax.Array]
   kernel: jax.Array
+  bias: jax.Array | None
   kernel_path: Path
   bias_path: Path | None
   delta_sum: jax.Array  # Σ_rows δ, the bias's Euclidean gradient
@@ -224,9 +285,7 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
       f"relative_args must be the RelativeArgs that value_grad_and_relative_args returns, got "
       f"{type(relative_args).__name__}."
     )
-  flat_params = {
-    _path(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  flat_params = _flat_leaves(params)
   flat_intermediates = _flat(relative_args.preactivations)
   flat_perturbations = _flat(relative_args.perturbation_grads)
   layers = sorted(
@@ -269,6 +328,7 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
       _LayerUpdate(
         replacements,
         kernel,
+        bias,
         layer_path + ("kernel",),
         None if bias is None else layer_path + ("bias",),
         delta.sum(-2),

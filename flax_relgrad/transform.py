@@ -47,7 +47,10 @@ MISMATCH = (
   "fr.value_grad_and_relative_args from the same call, with the params they were taken at "
   "(same batch, same params). Scale, clip, decay weights (optax.add_decayed_weights, also "
   "masked to kernels), accumulate (optax.MultiSteps) or average across devices after it: "
-  "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3))."
+  "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3)). "
+  "If that is already so, the loss reads a flow layer's kernel or bias besides applying the "
+  "layer (a penalty on W, a weight tied to another module): fr.value_and_relative_grad "
+  "includes such terms exactly, relative_jacobian() cannot."
 )
 
 

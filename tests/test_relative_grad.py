@@ -297,6 +297,63 @@ def test_nonlinear_loss_needs_exact_loss(float64):
       np.testing.assert_allclose(updates[layer][name]["bias"], expected[1], rtol=1e-10, atol=1e-12)
 
 
+def flow_kernels_and_biases(module):
+  """Every kernel and bias leaf the module holds (read directly from its params)."""
+  flat = flax.traverse_util.flatten_dict(module.variables["params"])
+  return [leaf for path, leaf in flat.items() if path[-1] in ("kernel", "bias")]
+
+
+DIRECT_READS = {
+  # An L2 penalty on every W and b, written in the loss instead of the optimizer.
+  "l2_penalty": lambda m, *args: (
+    mean_nll(m, *args) + 0.3 * sum(jnp.sum(leaf**2) for leaf in flow_kernels_and_biases(m))
+  ),
+  # An orthogonality penalty ‖WᵀW − I‖², which ⟨G, W⟩ alone could miss.
+  "orthogonality_penalty": lambda m, *args: (
+    mean_nll(m, *args)
+    + 0.1
+    * sum(
+      jnp.sum((jnp.swapaxes(k, -1, -2) @ k - jnp.eye(k.shape[-1])) ** 2)
+      for k in flow_kernels_and_biases(m)
+      if k.ndim >= 2
+    )
+  ),
+  # A weight tied to another use: the first kernel also decodes the data.
+  "tied_weight": lambda m, x, *args: mean_nll(m, x, *args) + tied_reconstruction(m, x),
+}
+
+
+def tied_reconstruction(module, x):
+  """‖x W Wᵀ − x‖² with the first flow kernel W (of x's width) used a second time."""
+  kernel = next(k for k in flow_kernels_and_biases(module) if k.shape[-2:] == (x.shape[-1],) * 2)
+  return jnp.mean((x @ kernel @ jnp.swapaxes(kernel, -1, -2) - x) ** 2)
+
+
+@pytest.mark.parametrize("reads", sorted(DIRECT_READS))
+@pytest.mark.parametrize("case", ["flowmlp_splines", "conditional_without_bias", "vmap_ensemble"])
+def test_loss_that_reads_flow_params_directly_gets_their_exact_relative_gradient(
+  float64, case, reads
+):
+  """What the loss does with W and b besides the layer (a penalty, a tied weight) is part of
+  Ĝ: its Ŵ Ŵᵀ Ĝ term is added to the update from y, δ and λ, so the result stays exact."""
+  model, args, _, _ = CASES[case]()
+  params = init(model, *args)
+  loss_fn = DIRECT_READS[reads]
+  _, _, error = check_against_brute_force(model, params, *args, loss_fn=loss_fn)
+  print(f"{case}, {reads}: max relative error {error:.1e}")
+  assert error < 1e-10
+  # Without the added term the update would differ from brute force by much more.
+  _, plain = relative_updates(model, mean_nll, params, *args)
+  _, penalised = relative_updates(model, loss_fn, params, *args)
+  differences = [
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(
+      jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(penalised), strict=True
+    )
+  ]
+  assert max(differences) > 1e-3
+
+
 def test_has_aux_rngs_kwargs_and_layer_called_twice(float64):
   """aux and keyword args pass through; a layer applied to two batches of different sizes gets
   the update of the sum of both terms."""

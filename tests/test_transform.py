@@ -9,6 +9,7 @@ import re
 
 import flax.linen as nn
 from flax.training import train_state
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -149,6 +150,26 @@ def test_changes_that_leave_the_biases_alone_raise():
   with pytest.raises(Exception, match=MISMATCH):
     jax.block_until_ready(
       fr.relative_jacobian().update(grads, optax.EmptyState(), other, relative_args=relative_args)
+    )
+
+
+def test_loss_that_reads_flow_params_directly_raises_and_names_value_and_relative_grad():
+  """The transform rebuilds each flow layer's update from y, δ and λ, so an L2 penalty on W
+  written in the loss would be lost: its check refuses it (value_and_relative_grad keeps it)."""
+  model, params, x = flow_and_data()
+
+  def penalised(module, x):
+    kernels = [
+      k
+      for p, k in flax.traverse_util.flatten_dict(module.variables["params"]).items()
+      if p[-1] == "kernel"
+    ]
+    return fr.nll(module, x) + 0.1 * sum(jnp.sum(k**2) for k in kernels)
+
+  _, grads, relative_args = fr.value_grad_and_relative_args(model, penalised)(params, x)
+  with pytest.raises(Exception, match="value_and_relative_grad includes such terms exactly"):
+    jax.block_until_ready(
+      fr.relative_jacobian().update(grads, optax.EmptyState(), params, relative_args=relative_args)
     )
 
 
