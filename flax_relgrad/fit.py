@@ -20,8 +20,8 @@ import optax
 
 from flax_relgrad.objectives import nll
 from flax_relgrad.objectives import value_and_relative_grad
+from flax_relgrad.relative import PyTree
 
-PyTree = Any
 ArrayLike = jax.typing.ArrayLike
 
 

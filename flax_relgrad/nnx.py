@@ -76,12 +76,12 @@ from flax_relgrad.core.stack import GaussianParams
 from flax_relgrad.core.stack import Modulation
 from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.core.stack import spline_count
+from flax_relgrad.relative import PyTree
 from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import check_scalar_loss
 from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
 
-PyTree = Any
 Path = tuple[Any, ...]
 
 __all__ = [

@@ -25,12 +25,12 @@ from flax_relgrad.flow import INTERMEDIATES
 from flax_relgrad.flow import PERTURBATIONS
 from flax_relgrad.flow import FlowDense
 from flax_relgrad.flow import relative_pass
+from flax_relgrad.relative import PyTree
 from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import check_scalar_loss
 from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
 
-PyTree = Any
 LossFn = Callable[..., Any]
 
 

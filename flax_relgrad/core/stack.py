@@ -152,11 +152,13 @@ def stack_inverse(
     if index != len(stack.layers) - 1:
       # The activation's Newton iteration needs float32 precision at least.
       y = stack.activation.inverse(y.astype(factorisation_dtype(y.dtype))).astype(y.dtype)
-      terms.append(stack.activation.log_derivative(y).sum(-1))
+      if log_det:
+        terms.append(stack.activation.log_derivative(y).sum(-1))
     if modulations is not None:
       shift, log_scale = modulations[index]
       y = (y - shift) * jnp.exp(-log_scale)
-      terms.append(log_scale.sum(-1))
+      if log_det:
+        terms.append(log_scale.sum(-1))
     layer = stack.layers[index]
     y = layer.inverse(y)
     if log_det:
