@@ -28,6 +28,7 @@ from flax_relgrad.core.dense import Dtype
 from flax_relgrad.core.dense import Initializer
 from flax_relgrad.core.distribution import ConditionalFlow
 from flax_relgrad.core.distribution import check_context
+from flax_relgrad.core.distribution import check_head_features
 from flax_relgrad.core.distribution import split_modulations
 from flax_relgrad.core.stack import Modulation
 from flax_relgrad.core.stack import check_flow_settings
@@ -52,6 +53,8 @@ class ModulationHead(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array, width: int) -> list[Modulation]:
     outputs = 2 if self.scale else 1
+    built = self.variables.get("params", {}).get("Dense_0")
+    check_head_features(h, None if built is None else built["kernel"].shape[0])
     dense = nn.Dense(
       self.num_layers * outputs * width,
       kernel_init=nn.initializers.zeros,

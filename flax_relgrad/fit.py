@@ -10,6 +10,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
 import math
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -86,7 +87,8 @@ def fit(
     params: initial parameters (`model.init(...)["params"]`).
     train: x (N, D), or a tuple (x, context (N, C), ...) for a conditional flow: JAX or
       NumPy arrays, or anything `np.asarray` takes (integers become float32); all finite.
-      A tuple is always (x, context, ...); a list is x itself (rows of numbers).
+      A tuple is always (x, context, ...); a list is x itself when it holds rows (lists or
+      1-D arrays), and (x, context, ...) when it holds 2-D arrays.
     validation: the same for the validation set.
     optimizer: any optax optimizer; default `optax.adam(1e-3)`.
     batch_size: examples per step (each epoch drops the last N mod batch_size of a fresh
@@ -100,20 +102,34 @@ def fit(
     A `FitResult` with the best parameters and the per-epoch history.
 
   Raises:
+    TypeError: for a model that is not a Linen module (an NNX flow: see the README's NNX
+      loop) or data that are not numbers.
     ValueError: for arrays of mismatched or empty shapes, non-finite values (naming the
-      first such row), batch_size > N, or max_epochs or patience < 1.
+      first such row; float64 beyond float32's range counts, when JAX computes in float32),
+      batch_size > N, or batch_size, max_epochs or patience not an integer >= 1.
     FloatingPointError: when training diverges (a non-finite loss), naming the epoch.
   """
-  for name, value in (("max_epochs", max_epochs), ("patience", patience)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"fit: {name} must be an int >= 1, got {value!r}.")
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+      f"fit trains Linen modules (fr.FlowMLP, fr.ConditionalFlowMLP, ...), got "
+      f"{type(model).__module__}.{type(model).__name__}. For a flax_relgrad.nnx model, write the "
+      "loop with flax_relgrad.nnx.value_and_relative_grad and an nnx.Optimizer (README, "
+      "'Flax NNX')."
+    )
+  batch_size, max_epochs, patience = (
+    _positive_int(name, value)
+    for name, value in (
+      ("batch_size", batch_size),
+      ("max_epochs", max_epochs),
+      ("patience", patience),
+    )
+  )
   train_arrays, validation_arrays = _as_arrays(train, "train"), _as_arrays(validation, "validation")
   _check_arrays(train_arrays, validation_arrays, batch_size)
-  _check_finite(train_arrays, "train")
-  _check_finite(validation_arrays, "validation")
+  # Checked after the conversion to JAX: float64 values beyond float32's range become inf there.
   train, validation = (
-    tuple(map(jnp.asarray, train_arrays)),
-    tuple(map(jnp.asarray, validation_arrays)),
+    _check_finite(train_arrays, "train"),
+    _check_finite(validation_arrays, "validation"),
   )
   tx = optimizer or optax.adam(1e-3)
   opt_state = tx.init(params)
@@ -168,42 +184,53 @@ def _log_det_terms(model: nn.Module, params: PyTree, *batch: jax.Array) -> jax.A
   return exact - value_and_relative_grad(model, nll)(params, *batch)[0]
 
 
+def _positive_int(name: str, value: Any) -> int:
+  """`value` as an int >= 1 (Python, NumPy or JAX integers; not bools or floats)."""
+  try:
+    number = operator.index(value)
+  except TypeError:
+    number = 0
+  if isinstance(value, (bool, np.bool_)) or number < 1:
+    raise ValueError(f"fit: {name} must be an integer >= 1, got {value!r}.")
+  return number
+
+
 def _as_arrays(arrays: ArrayLike | Sequence[ArrayLike], name: str) -> tuple[np.ndarray, ...]:
   """x, or (x, context, ...), as NumPy arrays (from JAX or NumPy arrays, lists or anything
   array-like); integers become float32."""
-  if isinstance(arrays, tuple) or (isinstance(arrays, list) and not _is_numeric_list(arrays)):
+  if isinstance(arrays, tuple) or (isinstance(arrays, list) and not _is_list_of_rows(arrays)):
     parts: tuple[Any, ...] = tuple(arrays)
   else:
     parts = (arrays,)
   converted = []
   for part in parts:
     array = np.asarray(part)
-    if not np.issubdtype(array.dtype, np.number):
+    if not jnp.issubdtype(array.dtype, jnp.number):  # jnp's knows bfloat16
       raise TypeError(f"fit: {name} must hold numbers, got dtype {array.dtype}.")
     converted.append(array.astype(np.float32) if np.issubdtype(array.dtype, np.integer) else array)
   return tuple(converted)
 
 
-def _check_finite(arrays: tuple[np.ndarray, ...], name: str) -> None:
-  """Refuses NaN or inf, naming the first offending row."""
-  for position, array in enumerate(arrays):
-    finite = np.isfinite(array).reshape(array.shape[0], -1).all(-1)
+def _check_finite(arrays: tuple[np.ndarray, ...], name: str) -> tuple[jax.Array, ...]:
+  """The arrays as JAX arrays, refusing NaN or inf in them (naming the first offending row)."""
+  converted = tuple(map(jnp.asarray, arrays))
+  for position, (array, original) in enumerate(zip(converted, arrays, strict=True)):
+    finite = np.asarray(jnp.isfinite(array).reshape(array.shape[0], -1).all(-1))
     if not finite.all():
       row = int(np.argmin(finite))
       what = name if len(arrays) == 1 else f"{name}[{position}]"
       raise ValueError(
-        f"fit: {what} holds non-finite values (NaN or inf), first in row {row}: {array[row]}. "
-        "Clean or drop those rows before training."
+        f"fit: {what} holds non-finite values (NaN or inf, or values beyond the range of "
+        f"{array.dtype}, which JAX computes in), first in row {row}: {original[row]}. Clean, "
+        "rescale or drop those rows before training."
       )
+  return converted
 
 
-def _is_numeric_list(arrays: Sequence[Any]) -> bool:
-  """Whether a list/tuple is itself the data (nested numbers), not (x, context, ...)."""
-  return (
-    len(arrays) > 0
-    and isinstance(arrays[0], (int, float, list))
-    and not isinstance(arrays[0], bool)
-  )
+def _is_list_of_rows(arrays: Sequence[Any]) -> bool:
+  """Whether a list is itself x (numbers, or rows of them: nested lists or 1-D arrays), not
+  (x, context, ...) (2-D arrays)."""
+  return len(arrays) > 0 and not isinstance(arrays[0], bool) and np.ndim(arrays[0]) <= 1
 
 
 def _check_arrays(

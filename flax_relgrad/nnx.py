@@ -67,6 +67,7 @@ from flax_relgrad.core.distribution import ConditionalFlow
 from flax_relgrad.core.distribution import Flow
 from flax_relgrad.core.distribution import FlowMethods
 from flax_relgrad.core.distribution import check_context
+from flax_relgrad.core.distribution import check_head_features
 from flax_relgrad.core.distribution import split_modulations
 from flax_relgrad.core.splines import Knots
 from flax_relgrad.core.splines import SplineMethods
@@ -487,6 +488,7 @@ class ModulationHead(nnx.Module):
 
   def __call__(self, h: jax.Array) -> list[Modulation]:
     """Every layer's (shift, log_scale), each (..., D)."""
+    check_head_features(h, self.linear.in_features)
     return split_modulations(self.linear(h), self.num_layers, self.scale, self.width)
 
 

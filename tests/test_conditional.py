@@ -1,5 +1,7 @@
 """ConditionalFlowMLP: exact log p(x | c) against a brute-force Jacobian, inverse, sampling."""
 
+import functools
+
 import flax.linen as nn
 from flax.training import train_state
 import jax
@@ -53,6 +55,27 @@ def test_sample_one_draw_per_context_row():
   assert samples.shape == (6, 3) and bool(jnp.all(jnp.isfinite(samples)))
   z = model.apply({"params": params}, samples, c)
   np.testing.assert_allclose(z, jax.random.normal(jax.random.PRNGKey(2), (6, 3)), atol=1e-4)
+
+
+def test_context_as_lists_and_contexts_of_another_width():
+  """A context given as nested lists is the array it describes (for sampling too); without a
+  conditioner, one of another width than at init is refused naming the head's width."""
+  c = jnp.linspace(-1, 1, 12).reshape(6, 2)
+  for model in (make_model(), fr.ConditionalFlowMLP(2)):
+    params = perturbed_init(model, jnp.ones((6, 3)), c, seed=0, scale=0.1)
+    apply = functools.partial(model.apply, {"params": params})
+    x = jnp.ones((6, 3))
+    np.testing.assert_array_equal(
+      apply(x, c.tolist(), method="log_prob"), apply(x, c, method="log_prob")
+    )
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(
+      apply(key, c.tolist(), method="sample"), apply(key, c, method="sample")
+    )
+  model = fr.ConditionalFlowMLP(2)
+  params = perturbed_init(model, x, c, seed=0)
+  with pytest.raises(ValueError, match="modulation head takes 2 features per row, but the context"):
+    model.apply({"params": params}, x, jnp.ones((6, 3)), method="log_prob")
 
 
 def test_learns_a_context_dependent_density():

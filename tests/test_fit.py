@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import flax_relgrad as fr
+from conftest import HAS_NNX
 from conftest import enable_x64
 
 
@@ -64,8 +65,15 @@ def test_fit_refuses_bad_arrays_and_reports_divergence():
     fr.fit(model, params, jnp.ones((10, 3)), jnp.ones((10, 3)), batch_size=20, progress=False)
   with pytest.raises(ValueError, match="N >= 1 rows"):
     fr.fit(model, params, jnp.ones((0, 3)), jnp.ones((10, 3)), progress=False)
-  for setting in ({"max_epochs": 0}, {"patience": 0}, {"patience": -1}, {"max_epochs": 2.5}):
-    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be an int >= 1"):
+  for setting in (
+    {"max_epochs": 0},
+    {"patience": 0},
+    {"patience": -1},
+    {"max_epochs": 2.5},
+    {"batch_size": 5.0},
+    {"batch_size": True},
+  ):
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be an integer >= 1"):
       fr.fit(model, params, jnp.ones((10, 3)), jnp.ones((10, 3)), progress=False, **setting)
   with pytest.raises(FloatingPointError, match="fit diverged in epoch 1"):
     fr.fit(
@@ -90,10 +98,28 @@ def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
   )
   assert run(train, validation) == run(jnp.asarray(train), jnp.asarray(validation))
   assert len(run(train.tolist(), validation.tolist())["train_nll"]) == 2  # nested lists
+  assert run(list(train), list(validation)) == run(train, validation)  # lists of 1-D rows
+  # Settings as NumPy integers (what arithmetic on array sizes gives) work as Python ints.
+  assert fr.fit(
+    model,
+    params,
+    train,
+    validation,
+    max_epochs=np.int64(2),
+    batch_size=np.int32(50),
+    patience=np.int64(2),
+    progress=False,
+  ).history == run(train, validation)
+  # float64 beyond float32's range is inf to JAX without x64: refused as non-finite, not
+  # reported later as a diverged run.
+  overflowing = train.copy()
+  overflowing[5, 1] = 1e39
+  with pytest.raises(ValueError, match=r"beyond the range of float32.*first in row 5"):
+    run(overflowing, validation)
   broken = train.copy()
   broken[17, 2] = np.nan
   with pytest.raises(
-    ValueError, match=r"train holds non-finite values \(NaN or inf\), first in row 17"
+    ValueError, match=r"train holds non-finite values \(NaN or inf, .*first in row 17"
   ):
     run(broken, validation)
   context = np.ones((100, 1))
@@ -122,6 +148,19 @@ def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
   assert np.isfinite(history["validation_nll"][0])
 
 
+@pytest.mark.skipif(not HAS_NNX, reason="flax_relgrad.nnx needs flax >= 0.12")
+def test_fit_refuses_an_nnx_model_and_names_the_nnx_loop():
+  import flax.nnx as nnx  # pylint: disable=g-import-not-at-top
+
+  import flax_relgrad.nnx as frn  # pylint: disable=g-import-not-at-top
+
+  model = frn.FlowMLP(3, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(
+    TypeError, match="fit trains Linen modules.*flax_relgrad.nnx.value_and_relative_grad"
+  ):
+    fr.fit(model, nnx.state(model, nnx.Param), np.ones((10, 3)), np.ones((5, 3)), progress=False)
+
+
 def test_fit_bfloat16_params_and_float64_data_keep_the_param_dtypes():
   """The relative gradient of a bfloat16 flow comes back in bfloat16 (and that of a float32
   flow fed float64 NumPy data under x64 in float32), so `fit`'s scanned steps keep their
@@ -135,6 +174,18 @@ def test_fit_bfloat16_params_and_float64_data_keep_the_param_dtypes():
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.params)} == {
     jnp.dtype(jnp.bfloat16)
   }
+  # bfloat16 data trains too (its dtype is a number to JAX, not to NumPy).
+  bfloat16_data = jnp.asarray(data, jnp.bfloat16)
+  history = fr.fit(
+    model,
+    params,
+    bfloat16_data[:100],
+    bfloat16_data[100:],
+    batch_size=20,
+    max_epochs=1,
+    progress=False,
+  ).history
+  assert np.isfinite(history["validation_nll"][0])
   with enable_x64(True):
     model = fr.FlowMLP(num_layers=2)
     params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.float32))["params"]

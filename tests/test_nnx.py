@@ -452,6 +452,13 @@ def test_conditional_brute_force_and_linen_parity(float64):
     model.log_prob(x)
 
 
+def test_contexts_of_another_width_than_context_features_are_refused():
+  model = frn.ConditionalFlowMLP(2, 3, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="modulation head takes 3 features per row, but the context"):
+    model.log_prob(jnp.ones((4, 2)), jnp.ones((4, 1)))
+  assert model.log_prob(jnp.ones((4, 2)), jnp.ones((4, 3)).tolist()).shape == (4,)
+
+
 def test_inputs_of_another_width_are_refused():
   """A standalone spline or dense layer refuses inputs whose D is not its own instead of
   broadcasting them against its (D,) parameters."""

@@ -158,7 +158,7 @@ class FlowMethods:
   ) -> Any:
     """Draws x = g⁻¹(z), z ~ p_base, and optionally their exact log p(x), in one pass."""
     shape = sample_shape_tuple(sample_shape)
-    context = tuple(jnp.broadcast_to(c, shape + c.shape) for c in context)
+    context = tuple(jnp.broadcast_to(c, shape + jnp.shape(c)) for c in map(jnp.asarray, context))
     z, base = self._base_sample(rng, context[0].shape[:-1] if context else shape)
     if not with_log_prob:
       return self.inverse(z, *context)
@@ -211,13 +211,25 @@ def check_context(
   """The one context array c, checked to have shape leading_shape + (C,)."""
   if len(context) != 1:
     raise TypeError(f"{owner} takes one context array c (..., C) after x, got {len(context)}.")
-  (c,) = context
+  c = jnp.asarray(context[0])
   if c.ndim < 1 or tuple(c.shape[:-1]) != tuple(leading_shape):
     raise ValueError(
       f"{owner} expects a context of shape {tuple(leading_shape) + ('C',)} "
       f"(the leading shape of x, then the context features), got {c.shape}."
     )
   return c
+
+
+def check_head_features(features: jax.Array, expected: int | None) -> None:
+  """Refuses features h (..., H) of another width than a modulation head's H (the width it
+  was initialized with, Linen; `context_features` or the conditioner's output, NNX)."""
+  if expected is not None and features.shape[-1] != expected:
+    raise ValueError(
+      f"The conditional flow's modulation head takes {expected} features per row, but the "
+      f"context (or the conditioner's output, with a conditioner) has {features.shape[-1]} "
+      f"(shape {features.shape}). Pass contexts of the width the flow was initialized with, "
+      "or build it for yours (NNX: context_features)."
+    )
 
 
 def split_modulations(
