@@ -213,7 +213,8 @@ def _as_arrays(arrays: ArrayLike | Sequence[ArrayLike], name: str) -> tuple[np.n
 
 def _check_finite(arrays: tuple[np.ndarray, ...], name: str) -> tuple[jax.Array, ...]:
   """The arrays as JAX arrays, refusing NaN or inf in them (naming the first offending row)."""
-  converted = tuple(map(jnp.asarray, arrays))
+  with np.errstate(over="ignore"):  # float64 beyond float32's range: refused below, by row
+    converted = tuple(map(jnp.asarray, arrays))
   for position, (array, original) in enumerate(zip(converted, arrays, strict=True)):
     finite = np.asarray(jnp.isfinite(array).reshape(array.shape[0], -1).all(-1))
     if not finite.all():

@@ -68,25 +68,27 @@ PERTURBATIONS = "perturbations"
 _IN_RELATIVE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar(
   "linen_relative_pass", default=False
 )
-_CUT_PARAM_GRADIENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
-  "linen_cut_param_gradients", default=False
+_OWN_GRADIENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+  "linen_own_gradients", default=False
 )
 
 
 @contextlib.contextmanager
-def relative_pass(cut_param_gradients: bool = False) -> Iterator[None]:
+def relative_pass(own_gradients: bool = False) -> Iterator[None]:
   """Marks the relative-gradient pass (`value_grad_and_relative_args` applies the loss in
-  it): only inside it do flow layers make or read `perturbations`. With
-  `cut_param_gradients`, each flow layer computes y from `stop_gradient` of its kernel and
-  bias, so their autodiff gradient holds only what the loss does with them elsewhere (a
-  penalty on W, weights tied to another module): `value_and_relative_grad` adds that part's
-  relative gradient to the one it builds from y, δ and λ."""
+  it): only inside it do flow layers make or read `perturbations`.
+
+  In the pass each flow layer computes y from `stop_gradient` of its kernel and bias, so
+  their autodiff gradient holds only what the loss does with them besides the layer (a
+  penalty on W, a tied weight; zero for a plain likelihood). With `own_gradients` (for
+  `relative_jacobian()`), the layer adds zero stand-ins to them, kept in `perturbations`
+  under `kernel` and `bias`, whose gradient is the layer's own Euclidean one (zᵀδ, Σ δ)."""
   token = _IN_RELATIVE_PASS.set(True)
-  cut_token = _CUT_PARAM_GRADIENTS.set(cut_param_gradients)
+  own_token = _OWN_GRADIENTS.set(own_gradients)
   try:
     yield
   finally:
-    _CUT_PARAM_GRADIENTS.reset(cut_token)
+    _OWN_GRADIENTS.reset(own_token)
     _IN_RELATIVE_PASS.reset(token)
 
 
@@ -105,7 +107,7 @@ class FlowDense(DenseMethods, nn.Module):
   `ConditionalFlowMLP`), never into its y. `value_and_relative_grad` refuses a flow layer
   whose params hold anything but `kernel` and `bias`. A loss that also reads them directly
   (a penalty on W, a weight tied to another module) gets those terms' relative gradient
-  too, at O(D³) per step for each such layer; `relative_jacobian()` refuses it.
+  too, at O(D³) per step for each such layer.
 
   Attributes:
     use_bias: whether to add the bias b.
@@ -127,12 +129,32 @@ class FlowDense(DenseMethods, nn.Module):
       "kernel", lambda key: init_kernel(self.kernel_init, key, width, self.param_dtype)
     )
     bias = self.param("bias", self.bias_init, (width,), self.param_dtype) if self.use_bias else None
-    if _IN_RELATIVE_PASS.get() and _CUT_PARAM_GRADIENTS.get():
-      kernel, bias = jax.lax.stop_gradient((kernel, bias))
+    if _IN_RELATIVE_PASS.get() and not self.is_initializing():
+      kernel, bias = self._relative_pass_params(kernel, bias)
     y = z @ kernel
     if bias is not None:
       y = y + bias
     return self._track_preactivation(y)
+
+  def _relative_pass_params(
+    self, kernel: jax.Array, bias: jax.Array | None
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """W and b as the pass uses them: cut from the params' gradient, plus the zero stand-ins
+    whose gradient is the layer's own (with `own_gradients`; see `relative_pass`)."""
+    kernel, bias = jax.lax.stop_gradient((kernel, bias))
+    if not _OWN_GRADIENTS.get():
+      return kernel, bias
+    params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    if self.is_mutable_collection(PERTURBATIONS):  # the shape-only discovery pass
+      for name, value in params.items():
+        self.put_variable(PERTURBATIONS, name, jnp.zeros_like(value))
+      return kernel, bias
+    stand_ins = {
+      name: self.get_variable(PERTURBATIONS, name) + value
+      for name, value in params.items()
+      if self.has_variable(PERTURBATIONS, name)
+    }
+    return stand_ins.get("kernel", kernel), stand_ins.get("bias", bias)
 
   def _track_preactivation(self, y: jax.Array) -> jax.Array:
     """Sows y and adds this call's perturbation (a no-op outside the relative-gradient pass)."""

@@ -79,6 +79,7 @@ from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.core.stack import spline_count
 from flax_relgrad.relative import PyTree
 from flax_relgrad.relative import RelativeArgs
+from flax_relgrad.relative import add_own_gradients
 from flax_relgrad.relative import check_scalar_loss
 from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
@@ -114,6 +115,7 @@ _PATH = "_relative_path"  # Static attribute: the layer's path in the model pass
 _PERTURBATIONS = "_relative_perturbations"  # (zero y-shaped perturbation per call,)
 _LOG_ABS_DET = "_relative_log_abs_det"  # The log|det W| placeholder, shape: the stack's.
 _PREACTIVATIONS = "_relative_preactivations"  # (y per call,), written by the layer.
+_STAND_INS = {"kernel": "_relative_kernel", "bias": "_relative_bias"}  # Zeros added to W, b.
 
 
 class _RelativePass:
@@ -131,18 +133,18 @@ class _RelativePass:
     shapes: {path: [ShapeDtypeStruct of y per call]}, the stack's axes in front (discovery).
     log_det_layers: paths of the layers whose log|det W| the loss used.
     stack_shapes: {path: the leading axes of the layer's kernel, () unless stacked}.
-    cut_param_gradients: whether the layers compute y from `stop_gradient` of their kernel
-      and bias, so that the params' autodiff gradient holds only what the loss does with
-      them elsewhere (`value_and_relative_grad`'s pass; see `flax_relgrad.flow.relative_pass`).
+    own_gradients: whether the layers add zero stand-ins (perturbations "kernel" and "bias")
+      to their `stop_gradient`-cut W and b, whose gradient is the layer's own
+      (`value_grad_and_relative_args`; see `flax_relgrad.flow.relative_pass`).
   """
 
   def __init__(
     self,
     model: nnx.Module,
     perturbations: dict[Path, dict[str, Any]] | None,
-    cut_param_gradients: bool = False,
+    own_gradients: bool = False,
   ):
-    self.cut_param_gradients = cut_param_gradients
+    self.own_gradients = own_gradients
     self.layers = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
     self.perturbations = perturbations
     self.calls: dict[Path, int] = {}
@@ -160,10 +162,13 @@ class _RelativePass:
         setattr(layer, _PREACTIVATIONS, _RelativePassState(calls))
       if LOG_ABS_DET in layer_perturbations:
         setattr(layer, _LOG_ABS_DET, _RelativePassState(layer_perturbations[LOG_ABS_DET]))
+      for param, name in _STAND_INS.items():
+        if param in layer_perturbations:
+          setattr(layer, name, _RelativePassState(layer_perturbations[param]))
 
   def detach(self) -> None:
     for layer in self.layers.values():
-      for name in (_PATH, _PERTURBATIONS, _PREACTIVATIONS, _LOG_ABS_DET):
+      for name in (_PATH, _PERTURBATIONS, _PREACTIVATIONS, _LOG_ABS_DET, *_STAND_INS.values()):
         if hasattr(layer, name):
           delattr(layer, name)
 
@@ -212,6 +217,18 @@ class _RelativePass:
     recorded.set_value(recorded.get_value()[:call] + (y,) + recorded.get_value()[call + 1 :])
     return y + perturbation
 
+  def layer_params(
+    self, layer: FlowDense, kernel: jax.Array, bias: jax.Array | None
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """W and b as the pass uses them: cut from the params' gradient, plus the stand-ins whose
+    gradient is the layer's own (when attached)."""
+    kernel, bias = jax.lax.stop_gradient((kernel, bias))
+    if hasattr(layer, _STAND_INS["kernel"]):
+      kernel = kernel + getattr(layer, _STAND_INS["kernel"]).get_value()
+    if bias is not None and hasattr(layer, _STAND_INS["bias"]):
+      bias = bias + getattr(layer, _STAND_INS["bias"]).get_value()
+    return kernel, bias
+
   def log_abs_det(self, layer: FlowDense) -> jax.Array:
     path = self.path(layer)
     self.log_det_layers.add(path)
@@ -229,9 +246,9 @@ _ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar(
 def _relative_pass(
   model: nnx.Module,
   perturbations: dict[Path, dict[str, Any]] | None,
-  cut_param_gradients: bool = False,
+  own_gradients: bool = False,
 ) -> Iterator[_RelativePass]:
-  tracker = _RelativePass(model, perturbations, cut_param_gradients)
+  tracker = _RelativePass(model, perturbations, own_gradients)
   tracker.attach()
   token = _ACTIVE.set(tracker)
   try:
@@ -279,8 +296,8 @@ class FlowDense(DenseMethods, nnx.Module):
     """Maps z (..., D) to y = z W + b (..., D)."""
     kernel, bias = self._kernel_and_bias()
     tracker = _ACTIVE.get()
-    if tracker is not None and tracker.cut_param_gradients:
-      kernel, bias = jax.lax.stop_gradient((kernel, bias))
+    if tracker is not None:
+      kernel, bias = tracker.layer_params(self, kernel, bias)
     y = z @ kernel
     if bias is not None:
       y = y + bias
@@ -580,7 +597,7 @@ def value_and_relative_grad(
   """
 
   value_grad_and_args = _relative_pass_fn(
-    loss_fn, has_aux, exact_loss, require_log_det, cut_param_gradients=True
+    loss_fn, has_aux, exact_loss, require_log_det, own_gradients=False
   )
 
   def value_and_grad_fn(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State]:
@@ -607,7 +624,7 @@ def value_grad_and_relative_args(
       loss, grads, relative_args = grad_fn(model, x)
       optimizer.update(model, grads, relative_args=relative_args)
   """
-  return _relative_pass_fn(loss_fn, has_aux, exact_loss, require_log_det, cut_param_gradients=False)
+  return _relative_pass_fn(loss_fn, has_aux, exact_loss, require_log_det, own_gradients=True)
 
 
 def _relative_pass_fn(
@@ -615,16 +632,18 @@ def _relative_pass_fn(
   has_aux: bool,
   exact_loss: bool,
   require_log_det: bool,
-  cut_param_gradients: bool,
+  own_gradients: bool,
 ) -> Callable[..., tuple[Any, nnx.State, RelativeArgs]]:
-  """The pass both public functions share; with `cut_param_gradients` (`value_and_relative_grad`)
-  the flow layers' leaves of grads hold only the loss's other uses of their params."""
+  """The pass both public functions share. The flow layers' leaves of its autodiff gradient
+  hold only the loss's other uses of their params; with `own_gradients`
+  (`value_grad_and_relative_args`) it returns the whole Euclidean gradient and those other
+  uses in `RelativeArgs.direct_grads`."""
 
   def value_grad_and_args_fn(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> tuple[Any, nnx.State, RelativeArgs]:
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
-      with _relative_pass(model, _by_layer(perturbations), cut_param_gradients) as tracker:
+      with _relative_pass(model, _by_layer(perturbations), own_gradients) as tracker:
         output = loss_fn(model, *args, **kwargs)
         recorded = tracker.recorded_preactivations()
       loss = output[0] if has_aux else output
@@ -633,7 +652,7 @@ def _relative_pass_fn(
       return loss, (output, flax.traverse_util.unflatten_dict(calls))
 
     try:
-      discovered, applied = _discover(model, loss_fn, args, kwargs)
+      discovered, applied = _discover(model, loss_fn, args, kwargs, own_gradients)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       placeholders = make_placeholders(discovered, params, applied, exact_loss, require_log_det)
       (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
@@ -645,7 +664,10 @@ def _relative_pass_fn(
       if _PREACTIVATIONS not in str(error):
         raise
       raise ValueError(BROADCAST_UNDER_VMAP) from error
-    return output, grads, RelativeArgs(preactivations, perturbation_grads)
+    grads, direct_grads = (
+      add_own_gradients(grads, perturbation_grads) if own_gradients else (grads, None)
+    )
+    return output, grads, RelativeArgs(preactivations, perturbation_grads, direct_grads)
 
   return value_grad_and_args_fn
 
@@ -668,12 +690,13 @@ BROADCAST_UNDER_VMAP = (
 
 
 def _discover(
-  model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict
+  model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict, own_gradients: bool
 ) -> tuple[PyTree, set[Path]]:
   """A shape-only pass (free under jit, no effect on the model's state): the shapes of every
-  flow layer's pre-activations, one per call, and a log-det entry for each layer whose
-  log|det W| the loss uses, as `{path: {PREACTIVATION: (...), LOG_ABS_DET: ()}}`; and the
-  paths of the applied layers."""
+  flow layer's pre-activations, one per call, a log-det entry for each layer whose
+  log|det W| the loss uses, and with `own_gradients` the kernel and bias stand-ins of each
+  applied layer, as `{path: {PREACTIVATION: (...), LOG_ABS_DET: (), "kernel": ...}}`; and
+  the paths of the applied layers."""
   graphdef, state = nnx.split(model)
   found: dict[str, Any] = {}
 
@@ -690,6 +713,13 @@ def _discover(
   }
   for path in tracker.log_det_layers:
     flat[path + (LOG_ABS_DET,)] = jax.ShapeDtypeStruct(tracker.stack_shapes[path], jnp.float32)
+  if own_gradients:
+    for path in tracker.shapes:
+      layer = tracker.layers[path]
+      kernel, bias = layer.kernel, layer.bias
+      for name, param in (("kernel", kernel), ("bias", bias)):
+        if param is not None:
+          flat[path + (name,)] = jax.ShapeDtypeStruct(param.shape, param.dtype)
   return flax.traverse_util.unflatten_dict(flat), set(tracker.shapes)
 
 

@@ -27,6 +27,7 @@ from flax_relgrad.flow import FlowDense
 from flax_relgrad.flow import relative_pass
 from flax_relgrad.relative import PyTree
 from flax_relgrad.relative import RelativeArgs
+from flax_relgrad.relative import add_own_gradients
 from flax_relgrad.relative import check_scalar_loss
 from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
@@ -93,7 +94,7 @@ def value_and_relative_grad(
     The function `(params, *args, rngs=None, model_state=None, **kwargs) -> (value, grads)`.
   """
   value_grad_and_args = _relative_pass_fn(
-    model, loss_fn, has_aux, exact_loss, require_log_det, mutable, cut_param_gradients=True
+    model, loss_fn, has_aux, exact_loss, require_log_det, mutable, own_gradients=False
   )
 
   def value_and_grad_fn(params: PyTree, *args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
@@ -119,14 +120,15 @@ def value_grad_and_relative_args(
   **kwargs) -> (value, grads, relative_args)` gives the same `value`, the *Euclidean*
   gradient of the loss in which every flow layer's log|det W| is a placeholder (so its
   kernel's leaf lacks the λ W⁻ᵀ term: these grads are not for an optimizer on their own), and
-  the `RelativeArgs` (every flow layer's y, δ and λ) that complete them. Hand both to
+  the `RelativeArgs` (every flow layer's y, δ and λ, its own Euclidean gradient and that of
+  the loss's other uses of its W and b) that complete them. Hand both to
   `optax.chain(fr.relative_jacobian(), ...)`::
 
       loss, grads, relative_args = grad_fn(params, x)
       updates, opt_state = tx.update(grads, opt_state, params, relative_args=relative_args)
   """
   return _relative_pass_fn(
-    model, loss_fn, has_aux, exact_loss, require_log_det, mutable, cut_param_gradients=False
+    model, loss_fn, has_aux, exact_loss, require_log_det, mutable, own_gradients=True
   )
 
 
@@ -137,10 +139,12 @@ def _relative_pass_fn(
   exact_loss: bool,
   require_log_det: bool,
   mutable: Sequence[str],
-  cut_param_gradients: bool,
+  own_gradients: bool,
 ) -> Callable[..., tuple[Any, PyTree, RelativeArgs]]:
-  """The pass both public functions share; with `cut_param_gradients` (`value_and_relative_grad`)
-  the flow layers' leaves of grads hold only the loss's other uses of their params."""
+  """The pass both public functions share. The flow layers' leaves of its autodiff gradient
+  hold only the loss's other uses of their params (`relative_pass`); with `own_gradients`
+  (`value_grad_and_relative_args`) it returns the whole Euclidean gradient and those other
+  uses in `RelativeArgs.direct_grads`."""
 
   def value_grad_and_args_fn(
     params: PyTree, *args: Any, rngs: Any = None, model_state: PyTree = None, **kwargs: Any
@@ -168,7 +172,7 @@ def _relative_pass_fn(
       return next_fun(*args, **kwargs)
 
     def discover(params):
-      with relative_pass(), nn.intercept_methods(record_flow_layers):
+      with relative_pass(own_gradients), nn.intercept_methods(record_flow_layers):
         return apply(params, None, [INTERMEDIATES, PERTURBATIONS])[1].get(PERTURBATIONS, {})
 
     try:
@@ -190,7 +194,7 @@ def _relative_pass_fn(
     )
 
     def loss_and_state(params, perturbations):
-      with relative_pass(cut_param_gradients):
+      with relative_pass(own_gradients):
         output, state = apply(params, perturbations, [INTERMEDIATES])
       loss, _ = output if has_aux else (output, None)
       check_scalar_loss(loss)
@@ -207,7 +211,10 @@ def _relative_pass_fn(
     except _LEAKED_TRACER as error:
       raise ValueError(RAW_TRANSFORM) from error
     value = (output, new_state) if mutable else output
-    return value, grads, RelativeArgs(preactivations, perturbation_grads)
+    grads, direct_grads = (
+      add_own_gradients(grads, perturbation_grads) if own_gradients else (grads, None)
+    )
+    return value, grads, RelativeArgs(preactivations, perturbation_grads, direct_grads)
 
   return value_grad_and_args_fn
 

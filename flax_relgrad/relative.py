@@ -16,8 +16,8 @@ likelihood. A loss that also reads W or b directly (a penalty, a tied weight) ad
 (`_augmented_metric_product`, O(D³)). `relative_gradients` (for `value_and_relative_grad`,
 whose pass returns that gradient alone in the flow leaves) puts the sum in place of a gradient
 tree's flow-layer leaves; `checked_relative_gradients` (for `relative_jacobian()`, which
-receives the whole Euclidean gradient) puts the update from y, δ and λ there and adds the
-transform's run-time check. What both bindings' passes
+receives the whole Euclidean gradient and finds that part in `RelativeArgs.direct_grads`)
+does the same and adds the transform's run-time check. What both bindings' passes
 share is here too: `make_placeholders` (zero perturbations and log-det placeholders) and
 `check_scalar_loss`.
 """
@@ -100,11 +100,18 @@ class RelativeArgs(NamedTuple):
     preactivations: at each flow layer's path P, P/preactivation: a tuple with the layer's y
       of every call.
     perturbation_grads: at P, P/preactivation (δ = ∂loss/∂y of every call) and
-      P/log_abs_det (λ = ∂loss/∂log|det W|).
+      P/log_abs_det (λ = ∂loss/∂log|det W|); from `value_grad_and_relative_args` also
+      P/kernel and P/bias, the layer's own Euclidean gradient (zᵀ δ and Σ δ, with a leading
+      axis per step for a layer shared by the steps of `nn.scan`).
+    direct_grads: at P, P/kernel and P/bias: the gradient of what the loss does with the
+      layer's W and b besides applying the layer (a penalty, a tied weight; zero for a plain
+      likelihood), from `value_grad_and_relative_args`; None from the pass of
+      `value_and_relative_grad`, whose grads hold it in the flow leaves.
   """
 
   preactivations: PyTree
   perturbation_grads: PyTree
+  direct_grads: PyTree = None
 
 
 def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArgs) -> PyTree:
@@ -126,9 +133,35 @@ def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArg
     A tree like `grads`, each leaf in its dtype (that of its parameter: a bfloat16 kernel
     gets a bfloat16 ΔW, so optimizer states keep their dtypes).
   """
-  leaves = _flat_leaves(grads)
-  layers = [_with_direct_terms(layer, leaves) for layer in _layer_updates(params, relative_args)]
+  direct = _flat_leaves(grads)
+  layers = [_with_direct_terms(layer, direct) for layer in _layer_updates(params, relative_args)]
   return _replace_flow_leaves(grads, layers)
+
+
+def add_own_gradients(grads: PyTree, perturbation_grads: PyTree) -> tuple[PyTree, PyTree]:
+  """The Euclidean gradient from a pass with stand-ins (`value_grad_and_relative_args`):
+  every flow layer's leaves of `grads` (what the loss does with W and b besides the layer)
+  plus the layer's own gradient from its stand-ins in `perturbation_grads`; and those leaves
+  alone, as `RelativeArgs.direct_grads` ({P: {kernel, bias}})."""
+  own = {path: g for path, g in _flat(perturbation_grads).items() if path[-1] in ("kernel", "bias")}
+  direct = {}
+
+  def add(key_path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+    path = _path(key_path)
+    if path not in own:
+      return leaf
+    direct[path] = leaf
+    return leaf + _own_gradient(own[path], leaf)
+
+  total = jax.tree_util.tree_map_with_path(add, grads)
+  return total, flax.traverse_util.unflatten_dict(direct)
+
+
+def _own_gradient(stand_in_grad: jax.Array, leaf: jax.Array) -> jax.Array:
+  """A stand-in's gradient in its leaf's shape and dtype: summed over the steps of a layer
+  shared by `nn.scan` or `nn.vmap` (a leading axis the param does not have)."""
+  extra = stand_in_grad.ndim - leaf.ndim
+  return stand_in_grad.sum(tuple(range(extra))).astype(leaf.dtype)
 
 
 def _augmented_metric_product(
@@ -181,11 +214,17 @@ def checked_relative_gradients(
   params: PyTree, grads: PyTree, relative_args: RelativeArgs
 ) -> tuple[PyTree, jax.Array]:
   """`relative_jacobian()`'s step: `grads` (the Euclidean gradient of a
-  `value_grad_and_relative_args` pass) with every flow layer's leaves replaced by the update
-  from y, δ and λ, and `_euclidean_mismatch`'s verdict on `grads` (a boolean scalar), from
-  one computation of the layer updates."""
+  `value_grad_and_relative_args` pass) with every flow layer's leaves replaced by its exact
+  relative gradient (the update from y, δ and λ plus the `direct_grads` term, as
+  `relative_gradients`), and `_euclidean_mismatch`'s verdict on `grads` (a boolean scalar)."""
   layers = _layer_updates(params, relative_args)
-  return _replace_flow_leaves(grads, layers), _euclidean_mismatch(grads, layers)
+  if relative_args.direct_grads is None:
+    raise ValueError(
+      "relative_args hold no direct_grads: make them with value_grad_and_relative_args."
+    )
+  direct = _flat(relative_args.direct_grads)
+  layers = [_with_direct_terms(layer, direct) for layer in layers]
+  return _replace_flow_leaves(grads, layers), _euclidean_mismatch(grads, layers, direct)
 
 
 def _replace_flow_leaves(grads: PyTree, layers: list[_LayerUpdate]) -> PyTree:
@@ -199,46 +238,54 @@ def _replace_flow_leaves(grads: PyTree, layers: list[_LayerUpdate]) -> PyTree:
   return jax.tree_util.tree_map_with_path(replace, grads)
 
 
-def _euclidean_mismatch(grads: PyTree, layers: list[_LayerUpdate]) -> jax.Array:
-  """Whether finite `grads` differ from the Euclidean gradient that `layers` (computed from
-  `params` and `relative_args`) were made with, beyond rounding (a boolean scalar): they were
-  scaled, clipped, accumulated, averaged, decayed or otherwise changed, come from another
-  batch, or `params` are not the ones they were taken at. Non-finite grads are not a mismatch: they make a
-  non-finite update, as a diverged step does with any optimizer.
+def _euclidean_mismatch(
+  grads: PyTree, layers: list[_LayerUpdate], direct: dict[Path, jax.Array]
+) -> jax.Array:
+  """Whether finite `grads` are not the Euclidean gradient that `layers` were made with (a
+  boolean scalar): they were scaled, clipped, accumulated, averaged, decayed or otherwise
+  changed, come from another batch, or `params` are not the ones they were taken at.
+  Non-finite grads are not a mismatch: they make a non-finite update, as a diverged step does
+  with any optimizer.
 
-  Per flow layer, two fingerprints, O(B·D) each: the kernel leaf G must satisfy
-  ⟨G, W⟩ = Σ_rows (y − b)·δ, as ⟨zᵀ δ, W⟩ = Σ (z W)·δ (the log-det term is a placeholder
-  in that pass, so G = zᵀ δ); and the bias leaf must equal Σ_rows δ. The allowed error is
-  1e-3 of the expected value plus √ε times the sum of the absolute terms (ε of the coarser
-  of the leaf's and the computation's dtype), so changes below about 1e-3 of the gradient
-  (e.g. a weight decay of 1e-4) can pass unnoticed.
+  Per flow layer, two checks:
+  - each received leaf must equal the pass's own gradient plus its direct one (the sum the
+    pass returned, recomputed from `relative_args`), within 8 ε of their magnitudes (ε of
+    the leaf's dtype; times the number of steps for a layer shared by nn.scan): any change
+    to the gradient beyond rounding is caught;
+  - the params must be those of the pass: the own kernel gradient zᵀ δ must satisfy
+    ⟨zᵀ δ, W⟩ = Σ_rows (y − b)·δ (as z W = y − b), O(B·D), within 1e-3 of the expected value
+    plus √ε times the sum of the absolute terms, so params that differ by less than about
+    1e-3 of their gradient's effect can pass.
   """
   leaves = _flat_leaves(grads)
   mismatches, finite = [], []
   for layer in layers:
-    kernel_grad = leaves[layer.kernel_path]
-    accumulate = jnp.promote_types(layer.kernel_inner.dtype, jnp.float32)
-    products = kernel_grad.astype(accumulate) * layer.kernel.astype(accumulate)
-    checks = [
-      (
-        kernel_grad.dtype,
-        products.sum(),
-        layer.kernel_inner,
-        layer.kernel_inner_abs + jnp.abs(products).sum(),
+    if layer.own_grads is None:
+      raise ValueError(
+        "relative_args hold no flow layer's own gradient (perturbations at P/kernel): make "
+        "them with value_grad_and_relative_args."
       )
-    ]
-    finite.append(jnp.all(jnp.isfinite(kernel_grad)))
-    if layer.bias_path is not None:
-      bias_grad = leaves[layer.bias_path]
-      checks.append((bias_grad.dtype, bias_grad, layer.delta_sum, layer.delta_abs_sum))
-      finite.append(jnp.all(jnp.isfinite(bias_grad)))
-    for leaf_dtype, received, expected, scale in checks:
-      eps = max(jnp.finfo(leaf_dtype).eps, jnp.finfo(expected.dtype).eps)
-      error = jnp.linalg.norm((received - expected).astype(accumulate).ravel())
-      allowed = 1e-3 * jnp.linalg.norm(expected.astype(accumulate).ravel()) + jnp.sqrt(
-        eps
-      ) * jnp.linalg.norm(scale.astype(accumulate).ravel())
+    accumulate = jnp.promote_types(layer.kernel_inner.dtype, jnp.float32)
+    for path, stand_in_grad in layer.own_grads.items():
+      received = leaves[path]
+      expected = direct[path] + _own_gradient(stand_in_grad, received)
+      # Rounding: the sum over a shared layer's steps may be ordered otherwise than in the pass.
+      steps = stand_in_grad.size // received.size
+      scale = jnp.abs(direct[path].astype(accumulate)) + _own_gradient(
+        jnp.abs(stand_in_grad.astype(accumulate)), received.astype(accumulate)
+      )
+      error = jnp.linalg.norm((received.astype(accumulate) - expected.astype(accumulate)).ravel())
+      allowed = 8 * steps * jnp.finfo(received.dtype).eps * jnp.linalg.norm(scale.ravel())
       mismatches.append(~(error <= allowed))
+      finite.append(jnp.all(jnp.isfinite(received)))
+    own_kernel = _own_gradient(layer.own_grads[layer.kernel_path], layer.kernel)
+    products = own_kernel.astype(accumulate) * layer.kernel.astype(accumulate)
+    eps = max(jnp.finfo(layer.kernel.dtype).eps, jnp.finfo(layer.kernel_inner.dtype).eps)
+    error = jnp.abs(products.sum() - layer.kernel_inner.astype(accumulate))
+    allowed = 1e-3 * jnp.abs(layer.kernel_inner.astype(accumulate)) + jnp.sqrt(eps) * (
+      layer.kernel_inner_abs.astype(accumulate) + jnp.abs(products).sum()
+    )
+    mismatches.append(~(error <= allowed))
   if not mismatches:
     return jnp.array(False)
   return jnp.all(jnp.stack(finite)) & jnp.any(jnp.stack(mismatches))
@@ -262,9 +309,8 @@ class _LayerUpdate(NamedTuple):
   bias: jax.Array | None
   kernel_path: Path
   bias_path: Path | None
-  delta_sum: jax.Array  # Σ_rows δ, the bias's Euclidean gradient
-  delta_abs_sum: jax.Array  # Σ_rows |δ|, the scale of its rounding
-  kernel_inner: jax.Array  # Σ_rows (y − b)·δ = ⟨G, W⟩
+  own_grads: dict[Path, jax.Array] | None  # the stand-ins' gradients zᵀ δ, Σ δ, if made
+  kernel_inner: jax.Array  # Σ_rows (y − b)·δ = ⟨zᵀ δ, W⟩
   kernel_inner_abs: jax.Array  # Σ_rows |y − b|·|δ|
 
 
@@ -331,13 +377,23 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
         bias,
         layer_path + ("kernel",),
         None if bias is None else layer_path + ("bias",),
-        delta.sum(-2),
-        jnp.abs(delta).sum(-2),
+        _own_grads(flat_perturbations, layer_path, bias is not None),
         (y * delta).sum(),
         (jnp.abs(y) * jnp.abs(delta)).sum(),
       )
     )
   return updates
+
+
+def _own_grads(
+  flat_perturbations: dict[Path, Any], layer_path: Path, has_bias: bool
+) -> dict[Path, jax.Array] | None:
+  """{param path: its stand-in's gradient} of one layer, or None for a pass without them."""
+  names = ("kernel", "bias") if has_bias else ("kernel",)
+  paths = [layer_path + (name,) for name in names]
+  if any(path not in flat_perturbations for path in paths):
+    return None
+  return {path: flat_perturbations[path] for path in paths}
 
 
 def _check_layer(
@@ -404,7 +460,8 @@ def make_placeholders(
   require_log_det: bool,
 ) -> PyTree:
   """Zero perturbations shaped like the discovered ones (`{layer path: {PREACTIVATION: (y per
-  call,), LOG_ABS_DET: ...}}`); log-det placeholders filled in (both bindings' passes)."""
+  call,), LOG_ABS_DET: ..., and the stand-ins "kernel" and "bias" if discovered}}`); log-det
+  placeholders filled in (both bindings' passes)."""
   flat = flax.traverse_util.flatten_dict(discovered)
   layers = {path[:-1] for path in flat if path[-1] in (PREACTIVATION, LOG_ABS_DET)}
   untracked = applied_layers - {path[:-1] for path in flat if path[-1] == PREACTIVATION}
@@ -444,6 +501,10 @@ def make_placeholders(
       log_abs_det = jnp.zeros(shape, factorisation_dtype(kernel.dtype))
     # Unused by a loss without the log-det (require_log_det=False), it gets gradient λ = 0.
     placeholders[layer + (LOG_ABS_DET,)] = log_abs_det
+    for param in ("kernel", "bias"):  # stand-ins, for value_grad_and_relative_args
+      if layer + (param,) in flat:
+        stand_in = flat[layer + (param,)]
+        placeholders[layer + (param,)] = jnp.zeros(stand_in.shape, stand_in.dtype)
     if layer + (LOG_ABS_DET,) not in flat and require_log_det:
       raise ValueError(
         f"value_and_relative_grad: the loss applies flow layer '{name}' but never uses its "

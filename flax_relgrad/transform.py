@@ -2,24 +2,26 @@
 
 For users who keep the gradient computation in their own hands (their own step, a chain
 where their preconditioners live): first in a chain, it turns the Euclidean gradient of a
-relative-gradient pass into the exact relative one, with the rewrite `value_and_relative_grad`
-uses (`flax_relgrad.relative.relative_gradients`)::
+relative-gradient pass into the exact relative one, with the maths `value_and_relative_grad`
+uses (`flax_relgrad.relative.checked_relative_gradients`)::
 
     tx = optax.chain(fr.relative_jacobian(), optax.adam(1e-3))
     grad_fn = fr.value_grad_and_relative_args(model, fr.nll)
     loss, grads, relative_args = grad_fn(params, x)
     updates, opt_state = tx.update(grads, opt_state, params, relative_args=relative_args)
 
-Safety. The rewrite builds each flow layer's update from the y, δ and λ in `relative_args`,
-not from the incoming gradient leaf, so anything done to the gradient before it would be
-lost. The transform therefore checks, at run time and in O(B·D) per layer, that the gradient
-it receives is the one `relative_args` were made with (`checked_relative_gradients`), and raises
-otherwise: gradients scaled, clipped, accumulated (`optax.MultiSteps` around it) or averaged
-across devices before it, another transform before it in the chain, or `relative_args` from
-another batch. Missing, foreign or empty `relative_args` and missing `params` raise at once.
-All of these name the fix: put `relative_jacobian()` first, directly on the gradients of
-`value_grad_and_relative_args`, and scale, clip, accumulate or average after it (the
-relative gradient is linear in the Euclidean one, so that stays exact).
+Safety. The rewrite builds each flow layer's update from the y, δ, λ and direct gradients in
+`relative_args`, not from the incoming gradient leaf, so anything done to the gradient before
+it would be lost. The transform therefore checks, at run time, that the gradient it receives
+is the one `relative_args` were made with (each flow leaf equal to the layer's own gradient
+plus the direct one, within rounding; the params by the inner product ⟨zᵀδ, W⟩ = Σ (y − b)·δ),
+and raises otherwise: gradients scaled, clipped, decayed, accumulated (`optax.MultiSteps`
+around it) or averaged across devices before it, another transform before it in the chain,
+`relative_args` from another batch, or other params. Missing, foreign or empty
+`relative_args` and missing `params` raise at once. All of these name the fix: put
+`relative_jacobian()` first, directly on the gradients of `value_grad_and_relative_args`, and
+scale, clip, accumulate or average after it (the relative gradient is linear in the Euclidean
+one, so that stays exact).
 """
 
 from __future__ import annotations
@@ -47,10 +49,7 @@ MISMATCH = (
   "fr.value_grad_and_relative_args from the same call, with the params they were taken at "
   "(same batch, same params). Scale, clip, decay weights (optax.add_decayed_weights, also "
   "masked to kernels), accumulate (optax.MultiSteps) or average across devices after it: "
-  "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3)). "
-  "If that is already so, the loss reads a flow layer's kernel or bias besides applying the "
-  "layer (a penalty on W, a weight tied to another module): fr.value_and_relative_grad "
-  "includes such terms exactly, relative_jacobian() cannot."
+  "optax.chain(fr.relative_jacobian(), optax.clip_by_global_norm(1.0), optax.adam(1e-3))."
 )
 
 
@@ -60,11 +59,12 @@ def relative_jacobian() -> optax.GradientTransformationExtraArgs:
   `update(grads, state, params, *, relative_args)` replaces the kernel and bias leaves of
   every flow layer by ΔW = Ŵ Ŵᵀ Ĝ restricted to W and b (Ŵ = [[W, 0], [b, 1]], Ĝ the
   Euclidean gradient with every log|det W| term: its λ W⁻ᵀ becomes λ W, −W for the batch
-  mean of −log p), computed in O(B·D²)
-  from the layer's y, δ and λ; other leaves pass through. `grads` and `relative_args` must be
-  the outputs of one `fr.value_grad_and_relative_args` (or
-  `flax_relgrad.nnx.value_grad_and_relative_args`) call at `params`; anything else raises
-  (see the module docstring). The result equals `fr.value_and_relative_grad`'s grads.
+  mean of −log p), computed in O(B·D²) from the layer's y, δ and λ, plus the Ŵ Ŵᵀ Ĝ term
+  of what the loss does with W and b besides the layer (a penalty on W:
+  `relative_args.direct_grads`, O(D³) and only when non-zero); other leaves pass through.
+  `grads` and `relative_args` must be the outputs of one `fr.value_grad_and_relative_args`
+  (or `flax_relgrad.nnx.value_grad_and_relative_args`) call at `params`; anything else
+  raises (see the module docstring). The result equals `fr.value_and_relative_grad`'s grads.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with an empty state.

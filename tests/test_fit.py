@@ -112,7 +112,7 @@ def test_fit_takes_numpy_and_array_likes_and_names_non_finite_rows():
   ).history == run(train, validation)
   # float64 beyond float32's range is inf to JAX without x64: refused as non-finite, not
   # reported later as a diverged run.
-  overflowing = train.copy()
+  overflowing = train.astype(np.float64)
   overflowing[5, 1] = 1e39
   with pytest.raises(ValueError, match=r"beyond the range of float32.*first in row 5"):
     run(overflowing, validation)

@@ -354,6 +354,36 @@ def test_loss_that_reads_flow_params_directly_gets_their_exact_relative_gradient
   assert max(differences) > 1e-3
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_relative_jacobian_equals_value_and_relative_grad(float64, case):
+  """The Optax transform on the pass's Euclidean gradient and relative args gives the same
+  update as value_and_relative_grad for every kind of model (stand-ins summed over the steps
+  of a layer shared by nn.scan, one per kernel of an nn.vmap stack), here with a loss that
+  also reads the flow params directly (an L2 penalty)."""
+  model, args, _, _ = CASES[case]()
+  params = init(model, *args)
+  loss_fn = DIRECT_READS["l2_penalty"]
+
+  @jax.jit
+  def through_the_transform(params, *args):
+    _, grads, relative_args = fr.value_grad_and_relative_args(model, loss_fn)(params, *args)
+    updates, _ = fr.relative_jacobian().update(
+      grads, optax.EmptyState(), params, relative_args=relative_args
+    )
+    return updates
+
+  _, expected = relative_updates(model, loss_fn, params, *args)
+  updates = through_the_transform(params, *args)
+  for path, leaf in flax.traverse_util.flatten_dict(updates).items():
+    np.testing.assert_allclose(
+      leaf,
+      flax.traverse_util.flatten_dict(expected)[path],
+      rtol=1e-12,
+      atol=1e-13,
+      err_msg=str(path),
+    )
+
+
 def test_has_aux_rngs_kwargs_and_layer_called_twice(float64):
   """aux and keyword args pass through; a layer applied to two batches of different sizes gets
   the update of the sum of both terms."""
