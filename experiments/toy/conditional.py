@@ -163,7 +163,14 @@ def train_and_evaluate(
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]} (flags are --name=value).")
+  if EPOCHS.value < 1:
+    raise app.UsageError(f"--epochs must be >= 1, got {EPOCHS.value}.")
+  # One batch to train on; a validation NLL; a test mean with its standard error.
+  for flag, least in ((NUM_TRAIN, BATCH_SIZE), (NUM_VALIDATION, 1), (NUM_TEST, 2)):
+    if flag.value < least:
+      raise app.UsageError(f"--{flag.name} must be at least {least}, got {flag.value}.")
   os.makedirs(WORKDIR.value, exist_ok=True)
   train_and_evaluate(
     WORKDIR.value, EPOCHS.value, SEED.value, NUM_TRAIN.value, NUM_VALIDATION.value, NUM_TEST.value

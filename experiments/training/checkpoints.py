@@ -39,6 +39,26 @@ MODEL_FIELDS = (
 )
 """Config fields that must match for checkpoints to be reusable (compared where both configs have them)."""
 
+DATA_FIELDS = (
+  "seed",
+  "num_train",
+  "num_validation",
+  "num_test",
+  "train_split",
+  "validation_split",
+  "test_split",
+)
+"""Config fields that define a run's data: the toy sets' draws, the splits, the noise (the seed).
+Evaluating a checkpoint on other data, or resuming with it, would report another run's numbers."""
+
+RESUME_FIELDS = MODEL_FIELDS + DATA_FIELDS + ("batch_size",)
+"""What a resumed run must keep: also the batch size, which maps steps to epochs and batches.
+(The learning rate, its schedule and `num_epochs` may change: a lower rate after a divergence,
+more epochs after a finished run.)"""
+
+EVALUATION_FIELDS = MODEL_FIELDS + DATA_FIELDS
+"""What evaluating a workdir's checkpoint must keep."""
+
 
 class RunCheckpoints:
   """`latest` keeps the last two full train states; `best` keeps the best-by-validation params."""
@@ -129,11 +149,13 @@ class RunCheckpoints:
     self.latest.reload()
     return moved
 
-  def discard_latest_after(self, step: int) -> None:
-    """Deletes the saved train states newer than `step` (they come from a diverged run)."""
-    for saved_step in self.latest.all_steps():
-      if saved_step > step:
-        self.latest.delete(saved_step)
+  def discard_after(self, step: int) -> None:
+    """Deletes the saved train states and best params newer than `step` (they come from a
+    diverged run)."""
+    for manager in (self.latest, self.best):
+      for saved_step in manager.all_steps():
+        if saved_step > step:
+          manager.delete(saved_step)
 
   def best_params_shapes(self) -> tuple[int, PyTree]:
     """(step, the best params' shapes as a tree of tuples), read from the checkpoint's metadata."""
@@ -216,39 +238,47 @@ def _restore(manager: ocp.CheckpointManager, abstract: PyTree, step: int) -> PyT
     ) from error
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json on a fresh workdir; on reuse, refuses a different model or dataset.
-
-  Every process checks; process 0 writes.
-  """
+def check_config(
+  config: ml_collections.ConfigDict, workdir: str, fields: tuple[str, ...] = RESUME_FIELDS
+) -> None:
+  """Refuses a config that differs from the workdir's config.json in `fields` (nothing to check
+  without one); every process checks."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
   current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as file:
-      saved = json.load(file)
-    changed = {
-      k: (saved[k], current[k])
-      for k in MODEL_FIELDS
-      if k in saved and k in current and saved[k] != current[k]
-    }
-    # A config.json from before spline_placement existed had a spline before every layer;
-    # without bins there is nothing to place.
-    placement = lambda c: c.get("spline_placement", "every_layer") if c.get("spline_bins") else None
-    if placement(saved) != placement(current):
-      changed["spline_placement"] = (placement(saved), placement(current))
-    # Averaged params are part of the saved train state or not; their decay may change.
-    uses_ema = lambda c: c.get("ema_decay", 0.0) > 0
-    if uses_ema(saved) != uses_ema(current):
-      changed["ema_decay"] = (saved.get("ema_decay", 0.0), current["ema_decay"])
-    if changed:
-      raise ValueError(
-        f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "
-        "(saved, now)); use a fresh --workdir or the config it was trained with."
-      )
+  with open(path) as file:
+    saved = json.load(file)
+  changed = {
+    k: (saved[k], current[k])
+    for k in fields
+    if k in saved and k in current and saved[k] != current[k]
+  }
+  # A config.json from before spline_placement existed had a spline before every layer;
+  # without bins there is nothing to place.
+  placement = lambda c: c.get("spline_placement", "every_layer") if c.get("spline_bins") else None
+  if placement(saved) != placement(current):
+    changed["spline_placement"] = (placement(saved), placement(current))
+  # Averaged params are part of the saved train state or not; their decay may change.
+  uses_ema = lambda c: c.get("ema_decay", 0.0) > 0
+  if uses_ema(saved) != uses_ema(current):
+    changed["ema_decay"] = (saved.get("ema_decay", 0.0), current["ema_decay"])
+  if changed:
+    raise ValueError(
+      f"{workdir} holds checkpoints of a different model or dataset ({changed}, as "
+      "(saved, now)); use a fresh --workdir or the config it was trained with (its "
+      "config.json)."
+    )
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json (atomically; process 0), once the run's state was made or restored
+  with this config: a command that fails before that leaves the record as it was."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
   temporary = path + ".tmp"
   with open(temporary, "w") as file:
-    json.dump(current, file, indent=2)
+    json.dump(json.loads(config.to_json()), file, indent=2)
   os.replace(temporary, path)

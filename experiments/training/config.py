@@ -65,15 +65,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     "log_every_steps",
     "eval_every_epochs",
     "eval_batch_size",
+    "patience",
   ):
     if int(config[field]) < 1:
       raise ValueError(f"config.{field} must be a positive integer, got {config[field]}.")
-  if config.checkpoint_every_steps < 0:
+  if config.seed < 0:
+    raise ValueError(f"config.seed must be >= 0, got {config.seed}.")
+  if config.checkpoint_every_steps < 0 or config.checkpoint_every_steps % config.log_every_steps:
     raise ValueError(
-      f"config.checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}."
+      f"config.checkpoint_every_steps must be 0 or a multiple of config.log_every_steps "
+      f"({config.log_every_steps}), got {config.checkpoint_every_steps}: the divergence check "
+      "condemns the steps since the last logged one, and a restore needs a checkpoint from "
+      "before them."
     )
-  if not config.learning_rate > 0:
-    raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
+  if not 0 < config.learning_rate < float("inf"):
+    raise ValueError(
+      f"config.learning_rate must be positive and finite, got {config.learning_rate}."
+    )
+  if not 0.0 <= config.final_lr_fraction <= 1.0:
+    raise ValueError(
+      f"config.final_lr_fraction must lie in [0, 1] (the cosine schedule decays to it), got "
+      f"{config.final_lr_fraction}."
+    )
   if config.on_divergence not in ("stop", "restore"):
     raise ValueError(
       f"config.on_divergence={config.on_divergence!r} is not one of ['restore', 'stop']."

@@ -226,14 +226,22 @@ class Run:
     config = self.config
     self.checkpoints.wait_until_finished()
     if config.on_divergence != "restore" or int(state.divergences) >= config.max_divergences:
+      retries = (
+        f"all config.max_divergences={config.max_divergences} restores were used"
+        if config.on_divergence == "restore"
+        else "or set config.on_divergence='restore'"
+      )
       raise FloatingPointError(
         f"Training diverged: {problem}. Checkpoints hold only states saved before it was "
         f"detected ({self.checkpoints.latest.directory}); lower config.learning_rate, set "
-        "config.clip_norm or config.warmup_steps, or set config.on_divergence='restore'."
+        f"config.clip_norm or config.warmup_steps ({retries})."
       )
     restored = self.checkpoints.restore_latest(self.abstract_state(), at_most_step=good_step)
     restored = self.fresh_state(validation_y) if restored is None else restored
-    self.checkpoints.discard_latest_after(int(restored.step))
+    # The diverged stretch's checkpoints go: its latest states, and a best one that the
+    # restored state's best_validation_ll does not know of (Orbax would then skip saving every
+    # best step up to it).
+    self.checkpoints.discard_after(int(restored.step))
     restored = steps.with_learning_rate_scale(
       restored, steps.learning_rate_scale(state) * config.divergence_lr_factor
     )
@@ -313,12 +321,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Every process of a multi-host run shares the workdir: process 0 holds the lock for all.
   lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    checkpoints.check_config(config, workdir)
     source = data.load_source(config)
-    checkpoints.record_config(config, workdir)
     run = Run(config, workdir, source)
     try:
       validation_y = run.validation_y()
-      state = run.train(run.initial_or_restored_state(validation_y), validation_y)
+      state = run.initial_or_restored_state(validation_y)
+      checkpoints.record_config(config, workdir)
+      state = run.train(state, validation_y)
       run.checkpoints.wait_until_finished()
       test_metrics = run.test_best()
       run.writer.write_scalars(
@@ -331,8 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Test log-likelihood ± 2 SE (and bits/dim for images) of the best checkpoint in `workdir`."""
-  config_lib.validate_config(config)
-  run = Run(config, os.path.abspath(workdir), data.load_source(config))
+  run = _evaluation_run(config, workdir)
   try:
     return run.test_best()
   finally:
@@ -342,11 +351,22 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def report_layers(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The best checkpoint's per-layer log-likelihood terms on the validation split, as a table
   (`layer_report`)."""
-  config_lib.validate_config(config)
-  run = Run(config, os.path.abspath(workdir), data.load_source(config))
+  run = _evaluation_run(config, workdir)
   try:
     step, params = run.checkpoints.restore_best_params(run.abstract_state().params)
     rows, base = layer_report.layer_report(run.model, params, run.validation_y())
     return f"best checkpoint (step {step}), validation split:\n{layer_report.describe(rows, base)}"
   finally:
     run.close()
+
+
+def _evaluation_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """A `Run` on a trained workdir for evaluation, refusing a workdir without a best checkpoint
+  (before anything is created in it) or whose config.json names another model or data."""
+  config_lib.validate_config(config)
+  workdir = os.path.abspath(workdir)
+  best = os.path.join(workdir, "checkpoints", "best")
+  if not os.path.isdir(best) or not os.listdir(best):
+    raise FileNotFoundError(f"No best checkpoint in {best}; train first with this --workdir.")
+  checkpoints.check_config(config, workdir, checkpoints.EVALUATION_FIELDS)
+  return Run(config, workdir, data.load_source(config))

@@ -3,6 +3,9 @@
 import glob
 import os
 
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
 import numpy as np
 import pytest
 
@@ -33,3 +36,24 @@ def test_short_run_writes_picture_events_and_a_plausible_likelihood(tmp_path, ca
   assert "test LL" in capsys.readouterr().out
   # Truth ≈ −1.92 nats; a standard normal base alone scores about −3.6 on these points.
   assert result["true_ll"] - 1.0 < result["test_ll"] < result["true_ll"] + 0.05
+
+
+@pytest.mark.parametrize(
+  "setting, message",
+  [
+    ({"epochs": 0}, "--epochs must be >= 1"),
+    ({"num_train": 150}, "--num_train must be at least 200"),
+    ({"num_test": 1}, "--num_test must be at least 2"),
+  ],
+)
+def test_bad_flags_are_refused_before_any_work(tmp_path, setting, message):
+  """Before, epochs=0 or fewer training pairs than a batch failed deep in optax's schedule."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  workdir = tmp_path / "run"
+  with flagsaver.flagsaver(workdir=str(workdir), **setting):
+    with pytest.raises(app.UsageError, match=message):
+      conditional.main(["conditional"])
+    with pytest.raises(app.UsageError, match=r"Unexpected arguments: \['epochs=5'\]"):
+      conditional.main(["conditional", "epochs=5"])
+  assert not workdir.exists()

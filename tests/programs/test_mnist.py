@@ -71,7 +71,7 @@ def event_tags(workdir):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  config = mock_config(checkpoint_every_steps=1)
+  config = mock_config(checkpoint_every_steps=1, log_every_steps=1)
   return config, workdir, run(config, workdir)
 
 
@@ -129,8 +129,34 @@ def test_resume_after_interruption_matches_uninterrupted_run(finished_run, tmp_p
 
 def test_workdir_of_another_model_is_refused(finished_run):
   _, workdir, _ = finished_run
+  recorded = (workdir / "config.json").read_text()
   with pytest.raises(ValueError, match="holds checkpoints of a different model"):
     run(mock_config(num_layers=3), workdir)
+  # Other data (the noise's seed) or batches: refused too. A command that fails, also on
+  # a bad value, leaves the workdir's record of its checkpoints as it was.
+  for changed in ({"seed": 1}, {"batch_size": 2}):
+    with pytest.raises(ValueError, match=f"different model or dataset.*'{next(iter(changed))}'"):
+      run(mock_config(**changed), workdir)
+  with pytest.raises(ValueError, match="kernel_init='bogus'"):
+    run(mock_config(kernel_init="bogus"), workdir)
+  assert (workdir / "config.json").read_text() == recorded
+
+
+def test_evaluation_refuses_another_model_or_data_and_an_untrained_workdir(finished_run, tmp_path):
+  """--mode=evaluate and --mode=layers score the workdir's checkpoint only with the model and
+  data it was trained with; the same config reproduces the training's test number."""
+  config, workdir, test_metrics = finished_run
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    assert loop.evaluate_best(config, str(workdir))["ll"] == pytest.approx(test_metrics["ll"])
+    for changed in ({"alpha": 0.3}, {"seed": 2}, {"test_split": "test[:2]"}):
+      with pytest.raises(ValueError, match="different model or dataset"):
+        loop.evaluate_best(mock_config(**changed), str(workdir))
+    with pytest.raises(ValueError, match="different model or dataset"):
+      loop.report_layers(mock_config(alpha=0.3), str(workdir))
+    missing = tmp_path / "misspelled"
+    with pytest.raises(FileNotFoundError, match="No best checkpoint"):
+      loop.evaluate_best(config, str(missing))
+    assert not missing.exists()
 
 
 def test_workdir_of_another_spline_placement_is_refused(tmp_path):
@@ -141,12 +167,12 @@ def test_workdir_of_another_spline_placement_is_refused(tmp_path):
   del saved["spline_placement"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ValueError, match="'spline_placement': \\('every_layer', 'input'\\)"):
-    checkpoints.record_config(mock_config(spline_bins=4, spline_placement="input"), str(tmp_path))
-  checkpoints.record_config(splines, str(tmp_path))
+    checkpoints.check_config(mock_config(spline_bins=4, spline_placement="input"), str(tmp_path))
+  checkpoints.check_config(splines, str(tmp_path))
   no_splines = tmp_path / "no_splines"
   no_splines.mkdir()
   checkpoints.record_config(mock_config(), str(no_splines))
-  checkpoints.record_config(mock_config(spline_placement="input"), str(no_splines))
+  checkpoints.check_config(mock_config(spline_placement="input"), str(no_splines))
 
 
 def test_ema_step_follows_the_warmed_up_average():
@@ -261,6 +287,11 @@ def test_command_line_config_typo_is_refused(tmp_path):
     ("kernel_init", "xavier", "kernel_init='xavier' is not one of"),
     ("data_source", "video", "data_source='video' is not one of"),
     ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
+    ("patience", 0, "patience must be a positive integer"),
+    ("seed", -1, "seed must be >= 0"),
+    ("final_lr_fraction", 50.0, r"final_lr_fraction must lie in \[0, 1\]"),
+    ("learning_rate", float("inf"), "learning_rate must be positive and finite"),
+    ("checkpoint_every_steps", 3, "checkpoint_every_steps must be 0 or a multiple of"),
   ],
 )
 def test_config_values_out_of_range_are_refused(field, value, message, tmp_path):
