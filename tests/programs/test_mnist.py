@@ -71,7 +71,7 @@ def event_tags(workdir):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  config = mock_config(checkpoint_every_steps=1, log_every_steps=1)
+  config = mock_config(checkpoint_every_steps=2)
   return config, workdir, run(config, workdir)
 
 

@@ -28,9 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def parallel_config():
   config = test_config.get_config()
-  config.update(
-    download=True, batch_size=8, steps_per_call=2, checkpoint_every_steps=1, log_every_steps=1
-  )
+  config.update(download=True, batch_size=8, steps_per_call=2, checkpoint_every_steps=2)
   return config
 
 
