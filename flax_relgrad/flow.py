@@ -54,6 +54,7 @@ from flax_relgrad.core.dense import Dtype
 from flax_relgrad.core.dense import Initializer
 from flax_relgrad.core.dense import init_kernel
 from flax_relgrad.core.dense import kernel_log_abs_det
+from flax_relgrad.core.dense import relative_pass_params
 from flax_relgrad.core.distribution import Flow
 from flax_relgrad.core.distribution import FlowMethods
 from flax_relgrad.core.stack import GaussianParams
@@ -139,22 +140,18 @@ class FlowDense(DenseMethods, nn.Module):
   def _relative_pass_params(
     self, kernel: jax.Array, bias: jax.Array | None
   ) -> tuple[jax.Array, jax.Array | None]:
-    """W and b as the pass uses them: cut from the params' gradient, plus the zero stand-ins
-    whose gradient is the layer's own (with `own_gradients`; see `relative_pass`)."""
-    kernel, bias = jax.lax.stop_gradient((kernel, bias))
-    if not _OWN_GRADIENTS.get():
-      return kernel, bias
+    """W and b as the pass uses them (`relative_pass_params`), with the stand-ins of
+    `perturbations` under `own_gradients` (made in the shape-only discovery pass)."""
     params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
-    if self.is_mutable_collection(PERTURBATIONS):  # the shape-only discovery pass
+    if _OWN_GRADIENTS.get() and self.is_mutable_collection(PERTURBATIONS):
       for name, value in params.items():
         self.put_variable(PERTURBATIONS, name, jnp.zeros_like(value))
-      return kernel, bias
-    stand_ins = {
-      name: self.get_variable(PERTURBATIONS, name) + value
-      for name, value in params.items()
-      if self.has_variable(PERTURBATIONS, name)
+    stand_ins: dict[str, jax.Array] = {
+      name: self.get_variable(PERTURBATIONS, name)
+      for name in params
+      if _OWN_GRADIENTS.get() and self.has_variable(PERTURBATIONS, name)
     }
-    return stand_ins.get("kernel", kernel), stand_ins.get("bias", bias)
+    return relative_pass_params(kernel, bias, stand_ins)
 
   def _track_preactivation(self, y: jax.Array) -> jax.Array:
     """Sows y and adds this call's perturbation (a no-op outside the relative-gradient pass)."""

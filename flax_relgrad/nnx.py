@@ -63,6 +63,7 @@ from flax_relgrad.core.dense import Initializer
 from flax_relgrad.core.dense import factorisation_dtype
 from flax_relgrad.core.dense import init_kernel
 from flax_relgrad.core.dense import kernel_log_abs_det
+from flax_relgrad.core.dense import relative_pass_params
 from flax_relgrad.core.distribution import ConditionalFlow
 from flax_relgrad.core.distribution import Flow
 from flax_relgrad.core.distribution import FlowMethods
@@ -133,18 +134,13 @@ class _RelativePass:
     shapes: {path: [ShapeDtypeStruct of y per call]}, the stack's axes in front (discovery).
     log_det_layers: paths of the layers whose log|det W| the loss used.
     stack_shapes: {path: the leading axes of the layer's kernel, () unless stacked}.
-    own_gradients: whether the layers add zero stand-ins (perturbations "kernel" and "bias")
-      to their `stop_gradient`-cut W and b, whose gradient is the layer's own
-      (`value_grad_and_relative_args`; see `flax_relgrad.flow.relative_pass`).
   """
 
   def __init__(
     self,
     model: nnx.Module,
     perturbations: dict[Path, dict[str, Any]] | None,
-    own_gradients: bool = False,
   ):
-    self.own_gradients = own_gradients
     self.layers = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
     self.perturbations = perturbations
     self.calls: dict[Path, int] = {}
@@ -220,14 +216,14 @@ class _RelativePass:
   def layer_params(
     self, layer: FlowDense, kernel: jax.Array, bias: jax.Array | None
   ) -> tuple[jax.Array, jax.Array | None]:
-    """W and b as the pass uses them: cut from the params' gradient, plus the stand-ins whose
-    gradient is the layer's own (when attached)."""
-    kernel, bias = jax.lax.stop_gradient((kernel, bias))
-    if hasattr(layer, _STAND_INS["kernel"]):
-      kernel = kernel + getattr(layer, _STAND_INS["kernel"]).get_value()
-    if bias is not None and hasattr(layer, _STAND_INS["bias"]):
-      bias = bias + getattr(layer, _STAND_INS["bias"]).get_value()
-    return kernel, bias
+    """W and b as the pass uses them (`relative_pass_params`), with the layer's stand-ins
+    when the pass attached them (`value_grad_and_relative_args`)."""
+    stand_ins = {
+      param: getattr(layer, name).get_value()
+      for param, name in _STAND_INS.items()
+      if hasattr(layer, name)
+    }
+    return relative_pass_params(kernel, bias, stand_ins)
 
   def log_abs_det(self, layer: FlowDense) -> jax.Array:
     path = self.path(layer)
@@ -246,9 +242,8 @@ _ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar(
 def _relative_pass(
   model: nnx.Module,
   perturbations: dict[Path, dict[str, Any]] | None,
-  own_gradients: bool = False,
 ) -> Iterator[_RelativePass]:
-  tracker = _RelativePass(model, perturbations, own_gradients)
+  tracker = _RelativePass(model, perturbations)
   tracker.attach()
   token = _ACTIVE.set(tracker)
   try:
@@ -267,8 +262,10 @@ class FlowDense(DenseMethods, nnx.Module):
 
   Maps the last axis of z (..., D): per position on a (B, T, D) sequence, an invertible 1×1
   convolution on (B, H, W, C) images (`forward_and_log_det(z, event_ndims)`). Same contract
-  as the Linen `flax_relgrad.FlowDense`: the loss depends on `kernel` and `bias` only through
-  y = z W + b and `log_abs_det()`; put context-dependent shifts or scales after the layer.
+  as the Linen `flax_relgrad.FlowDense`: y = z W + b with its own `kernel` and `bias`; put
+  context-dependent shifts or scales after the layer. A loss may also read `kernel` and `bias`
+  directly (a penalty, a tied weight: read the layer's `kernel[...]` rather than sharing its
+  `nnx.Param` with another module).
 
   Args:
     width: D.
@@ -643,7 +640,7 @@ def _relative_pass_fn(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> tuple[Any, nnx.State, RelativeArgs]:
     def loss_and_preactivations(model, perturbations, *args, **kwargs):
-      with _relative_pass(model, _by_layer(perturbations), own_gradients) as tracker:
+      with _relative_pass(model, _by_layer(perturbations)) as tracker:
         output = loss_fn(model, *args, **kwargs)
         recorded = tracker.recorded_preactivations()
       loss = output[0] if has_aux else output

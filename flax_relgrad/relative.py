@@ -102,7 +102,8 @@ class RelativeArgs(NamedTuple):
     perturbation_grads: at P, P/preactivation (δ = ∂loss/∂y of every call) and
       P/log_abs_det (λ = ∂loss/∂log|det W|); from `value_grad_and_relative_args` also
       P/kernel and P/bias, the layer's own Euclidean gradient (zᵀ δ and Σ δ, with a leading
-      axis per step for a layer shared by the steps of `nn.scan`).
+      axis per step for a layer shared by the steps of `nn.scan`: T·D² memory per such layer,
+      which `value_and_relative_grad` does not need).
     direct_grads: at P, P/kernel and P/bias: the gradient of what the loss does with the
       layer's W and b besides applying the layer (a penalty, a tied weight; zero for a plain
       likelihood), from `value_grad_and_relative_args`; None from the pass of
@@ -150,6 +151,16 @@ def add_own_gradients(grads: PyTree, perturbation_grads: PyTree) -> tuple[PyTree
     path = _path(key_path)
     if path not in own:
       return leaf
+    unstacked = 2 if path[-1] == "kernel" else 1
+    if own[path].shape != leaf.shape and (
+      leaf.ndim != unstacked or own[path].shape[-unstacked:] != leaf.shape
+    ):
+      raise ValueError(
+        f"flow layer '{'/'.join(path[:-1])}' has {path[-1]} {leaf.shape} but its stand-in's "
+        f"gradient is {own[path].shape}: under nn.vmap or nn.scan, use axis 0 for 'params', "
+        "'intermediates' and 'perturbations', or broadcast 'params' (variable_broadcast) "
+        "without stacking them elsewhere."
+      )
     direct[path] = leaf
     return leaf + _own_gradient(own[path], leaf)
 
@@ -159,7 +170,8 @@ def add_own_gradients(grads: PyTree, perturbation_grads: PyTree) -> tuple[PyTree
 
 def _own_gradient(stand_in_grad: jax.Array, leaf: jax.Array) -> jax.Array:
   """A stand-in's gradient in its leaf's shape and dtype: summed over the steps of a layer
-  shared by `nn.scan` or `nn.vmap` (a leading axis the param does not have)."""
+  shared by `nn.scan` or `nn.vmap` (leading axes the param does not have; `add_own_gradients`
+  refuses any other layout)."""
   extra = stand_in_grad.ndim - leaf.ndim
   return stand_in_grad.sum(tuple(range(extra))).astype(leaf.dtype)
 
@@ -217,11 +229,11 @@ def checked_relative_gradients(
   `value_grad_and_relative_args` pass) with every flow layer's leaves replaced by its exact
   relative gradient (the update from y, δ and λ plus the `direct_grads` term, as
   `relative_gradients`), and `_euclidean_mismatch`'s verdict on `grads` (a boolean scalar)."""
-  layers = _layer_updates(params, relative_args)
-  if relative_args.direct_grads is None:
+  if isinstance(relative_args, RelativeArgs) and relative_args.direct_grads is None:
     raise ValueError(
       "relative_args hold no direct_grads: make them with value_grad_and_relative_args."
     )
+  layers = _layer_updates(params, relative_args)
   direct = _flat(relative_args.direct_grads)
   layers = [_with_direct_terms(layer, direct) for layer in layers]
   return _replace_flow_leaves(grads, layers), _euclidean_mismatch(grads, layers, direct)
@@ -249,9 +261,9 @@ def _euclidean_mismatch(
 
   Per flow layer, two checks:
   - each received leaf must equal the pass's own gradient plus its direct one (the sum the
-    pass returned, recomputed from `relative_args`), within 8 ε of their magnitudes (ε of
-    the leaf's dtype; times the number of steps for a layer shared by nn.scan): any change
-    to the gradient beyond rounding is caught;
+    pass returned, recomputed from `relative_args`), within ε of their magnitudes (ε of the
+    leaf's dtype; 1 + 8(T − 1) ε for a layer shared by T steps of nn.scan, whose sum may be
+    ordered otherwise): any change to the gradient beyond rounding is caught;
   - the params must be those of the pass: the own kernel gradient zᵀ δ must satisfy
     ⟨zᵀ δ, W⟩ = Σ_rows (y − b)·δ (as z W = y − b), O(B·D), within 1e-3 of the expected value
     plus √ε times the sum of the absolute terms, so params that differ by less than about
@@ -275,7 +287,10 @@ def _euclidean_mismatch(
         jnp.abs(stand_in_grad.astype(accumulate)), received.astype(accumulate)
       )
       error = jnp.linalg.norm((received.astype(accumulate) - expected.astype(accumulate)).ravel())
-      allowed = 8 * steps * jnp.finfo(received.dtype).eps * jnp.linalg.norm(scale.ravel())
+      # The same sum as the pass's: equal but for a rounding, or the steps' order of summation.
+      allowed = (
+        (1 + 8 * (steps - 1)) * jnp.finfo(received.dtype).eps * jnp.linalg.norm(scale.ravel())
+      )
       mismatches.append(~(error <= allowed))
       finite.append(jnp.all(jnp.isfinite(received)))
     own_kernel = _own_gradient(layer.own_grads[layer.kernel_path], layer.kernel)
@@ -491,7 +506,14 @@ def make_placeholders(
     placeholders[layer + (PREACTIVATION,)] = tuple(
       jnp.zeros(y.shape, y.dtype) for y in preactivations
     )
-    kernel = flat_params[layer + ("kernel",)]
+    kernel = flat_params.get(layer + ("kernel",))
+    if kernel is None:
+      raise ValueError(
+        f"value_and_relative_grad: the params hold no kernel at flow layer '{name}'. If its "
+        "nnx.Param is shared with another module (a tied weight), the model's state lists it "
+        "under the other module's path: let the other module read the flow layer's "
+        "kernel[...] instead of holding the same Param."
+      )
     # One value per kernel; under nn.scan with broadcast params, one per step (shape (T,)).
     discovered_log_det = flat.get(layer + (LOG_ABS_DET,))
     shape = kernel.shape[:-2] if discovered_log_det is None else discovered_log_det.shape

@@ -3,7 +3,7 @@
 For users who keep the gradient computation in their own hands (their own step, a chain
 where their preconditioners live): first in a chain, it turns the Euclidean gradient of a
 relative-gradient pass into the exact relative one, with the maths `value_and_relative_grad`
-uses (`flax_relgrad.relative.checked_relative_gradients`)::
+uses (`flax_relgrad.relative`)::
 
     tx = optax.chain(fr.relative_jacobian(), optax.adam(1e-3))
     grad_fn = fr.value_grad_and_relative_args(model, fr.nll)

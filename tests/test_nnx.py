@@ -144,6 +144,20 @@ def test_loss_that_reads_flow_params_directly_gets_their_exact_relative_gradient
   assert error < 1e-10
 
 
+def test_a_flow_param_shared_with_another_module_names_the_fix():
+  """nnx.state lists a shared Param under one path only, here the other module's."""
+
+  class Tied(nnx.Module):
+    def __init__(self, rngs):
+      self.flow = frn.FlowMLP(3, 2, rngs=rngs)
+      self.decoder = nnx.Linear(3, 3, rngs=rngs)
+      self.decoder.kernel = self.flow.layers[0].kernel
+
+  loss_fn = lambda m, x: -m.flow.log_prob(x).mean() + jnp.mean(m.decoder(x) ** 2)
+  with pytest.raises(ValueError, match=r"shared with another module.*kernel\[\.\.\.\]"):
+    frn.value_and_relative_grad(loss_fn)(Tied(nnx.Rngs(0)), jnp.ones((4, 3)))
+
+
 def test_exact_loss_and_has_aux(float64):
   model = frn.FlowMLP(3, 2, param_dtype=F64, rngs=nnx.Rngs(0))
   perturb(model)

@@ -394,6 +394,33 @@ def test_relative_jacobian_equals_value_and_relative_grad(float64, case):
     )
 
 
+class StackOfSharedOverTime(nn.Module):
+  """nn.vmap (params on axis 0) around an nn.scan that broadcasts its params: a layout the
+  relative-gradient bookkeeping does not support."""
+
+  @nn.compact
+  def log_prob(self, x):
+    stack = nn.vmap(
+      SharedFlowOverTime,
+      variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
+      split_rngs={"params": True},
+      in_axes=None,
+      axis_size=2,
+      methods=["log_prob"],
+    )
+    return stack().log_prob(x).sum(0)
+
+
+def test_stacked_around_shared_over_time_is_refused_by_both_passes(float64):
+  """Before, value_grad_and_relative_args summed the stand-ins' gradients over the stack's
+  axis when the two sizes agreed (T = E = 2), with no error."""
+  model, x = StackOfSharedOverTime(), jnp.ones((4, 2, 3), F64)
+  params = model.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
+  for make in (fr.value_and_relative_grad, fr.value_grad_and_relative_args):
+    with pytest.raises(ValueError, match="use axis 0 for 'params', 'intermediates'"):
+      make(model, mean_nll)(params, x)
+
+
 def test_has_aux_rngs_kwargs_and_layer_called_twice(float64):
   """aux and keyword args pass through; a layer applied to two batches of different sizes gets
   the update of the sum of both terms."""

@@ -254,7 +254,7 @@ def test_missing_foreign_or_other_model_args_raise():
   with pytest.raises(TypeError, match="must be the RelativeArgs"):
     tx.update(grads, state, params, relative_args={"preactivation": 1})
   with pytest.raises(ValueError, match="hold no flow layer"):
-    tx.update(grads, state, params, relative_args=fr.RelativeArgs({}, {}))
+    tx.update(grads, state, params, relative_args=fr.RelativeArgs({}, {}, {}))
   bigger = fr.FlowMLP(3)
   bigger_params = bigger.init(jax.random.PRNGKey(0), x)["params"]
   _, _, bigger_args = fr.value_grad_and_relative_args(bigger, fr.nll)(bigger_params, x)

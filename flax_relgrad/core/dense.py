@@ -145,6 +145,21 @@ def dense_inverse(kernel: jax.Array, bias: jax.Array | None, y: jax.Array) -> ja
   return z.reshape(y.shape).astype(y.dtype)
 
 
+def relative_pass_params(
+  kernel: jax.Array, bias: jax.Array | None, stand_ins: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array | None]:
+  """W and b as a relative-gradient pass applies them: `stop_gradient`, so that the params'
+  gradient holds only what the loss does with them besides the layer, plus the zero
+  stand-ins given ({"kernel": ..., "bias": ...}, possibly empty), whose gradient is then the
+  layer's own (zᵀ δ, Σ δ)."""
+  kernel, bias = jax.lax.stop_gradient((kernel, bias))
+  if "kernel" in stand_ins:
+    kernel = kernel + stand_ins["kernel"]
+  if bias is not None and "bias" in stand_ins:
+    bias = bias + stand_ins["bias"]
+  return kernel, bias
+
+
 def kernel_log_abs_det(kernel: jax.Array) -> jax.Array:
   """log|det W| of a (..., D, D) kernel through `slogdet`, in at least float32."""
   return jnp.linalg.slogdet(kernel.astype(factorisation_dtype(kernel.dtype)))[1]
