@@ -136,11 +136,7 @@ class _RelativePass:
     stack_shapes: {path: the leading axes of the layer's kernel, () unless stacked}.
   """
 
-  def __init__(
-    self,
-    model: nnx.Module,
-    perturbations: dict[Path, dict[str, Any]] | None,
-  ):
+  def __init__(self, model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None):
     self.layers = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, FlowDense)}
     self.perturbations = perturbations
     self.calls: dict[Path, int] = {}
@@ -240,8 +236,7 @@ _ACTIVE: contextvars.ContextVar[_RelativePass | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def _relative_pass(
-  model: nnx.Module,
-  perturbations: dict[Path, dict[str, Any]] | None,
+  model: nnx.Module, perturbations: dict[Path, dict[str, Any]] | None
 ) -> Iterator[_RelativePass]:
   tracker = _RelativePass(model, perturbations)
   tracker.attach()
