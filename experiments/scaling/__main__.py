@@ -28,7 +28,10 @@ where several programs share a process and define flags of the same names (--rep
 absl's global flags, those that a later `main(argv)` in the same process does not set keep their
 values."""
 flags.DEFINE_string(
-  "output_dir", "docs/scaling", "Where scaling.csv, .md and .png go.", flag_values=FLAGS
+  "output_dir",
+  "runs/scaling",
+  "Where scaling.csv, .md and .png go (docs/scaling holds the README's grid).",
+  flag_values=FLAGS,
 )
 flags.DEFINE_list(
   "widths", [str(w) for w in _DEFAULTS.widths], "The D grid, comma-separated.", flag_values=FLAGS
