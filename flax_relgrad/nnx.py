@@ -656,9 +656,9 @@ def _relative_pass_fn(
       if _PREACTIVATIONS not in str(error):
         raise
       raise ValueError(BROADCAST_UNDER_VMAP) from error
-    grads, direct_grads = (
-      add_own_gradients(grads, perturbation_grads) if own_gradients else (grads, None)
-    )
+    direct_grads = None
+    if own_gradients:
+      grads, direct_grads, perturbation_grads = add_own_gradients(grads, perturbation_grads)
     return output, grads, RelativeArgs(preactivations, perturbation_grads, direct_grads)
 
   return value_grad_and_args_fn

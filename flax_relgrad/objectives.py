@@ -126,6 +126,9 @@ def value_grad_and_relative_args(
 
       loss, grads, relative_args = grad_fn(params, x)
       updates, opt_state = tx.update(grads, opt_state, params, relative_args=relative_args)
+
+  For a flow layer shared by the T steps of `nn.scan`, the pass holds the layer's own
+  gradient per step (T·D² temporary memory; `value_and_relative_grad` does not).
   """
   return _relative_pass_fn(
     model, loss_fn, has_aux, exact_loss, require_log_det, mutable, own_gradients=True
@@ -211,9 +214,9 @@ def _relative_pass_fn(
     except _LEAKED_TRACER as error:
       raise ValueError(RAW_TRANSFORM) from error
     value = (output, new_state) if mutable else output
-    grads, direct_grads = (
-      add_own_gradients(grads, perturbation_grads) if own_gradients else (grads, None)
-    )
+    direct_grads = None
+    if own_gradients:
+      grads, direct_grads, perturbation_grads = add_own_gradients(grads, perturbation_grads)
     return value, grads, RelativeArgs(preactivations, perturbation_grads, direct_grads)
 
   return value_grad_and_args_fn

@@ -101,9 +101,8 @@ class RelativeArgs(NamedTuple):
       of every call.
     perturbation_grads: at P, P/preactivation (δ = ∂loss/∂y of every call) and
       P/log_abs_det (λ = ∂loss/∂log|det W|); from `value_grad_and_relative_args` also
-      P/kernel and P/bias, the layer's own Euclidean gradient (zᵀ δ and Σ δ, with a leading
-      axis per step for a layer shared by the steps of `nn.scan`: T·D² memory per such layer,
-      which `value_and_relative_grad` does not need).
+      P/kernel and P/bias, the layer's own Euclidean gradient (zᵀ δ and Σ δ, summed over the
+      steps of a layer shared by `nn.scan`).
     direct_grads: at P, P/kernel and P/bias: the gradient of what the loss does with the
       layer's W and b besides applying the layer (a penalty, a tied weight; zero for a plain
       likelihood), from `value_grad_and_relative_args`; None from the pass of
@@ -139,12 +138,15 @@ def relative_gradients(params: PyTree, grads: PyTree, relative_args: RelativeArg
   return _replace_flow_leaves(grads, layers)
 
 
-def add_own_gradients(grads: PyTree, perturbation_grads: PyTree) -> tuple[PyTree, PyTree]:
+def add_own_gradients(grads: PyTree, perturbation_grads: PyTree) -> tuple[PyTree, PyTree, PyTree]:
   """The Euclidean gradient from a pass with stand-ins (`value_grad_and_relative_args`):
   every flow layer's leaves of `grads` (what the loss does with W and b besides the layer)
-  plus the layer's own gradient from its stand-ins in `perturbation_grads`; and those leaves
-  alone, as `RelativeArgs.direct_grads` ({P: {kernel, bias}})."""
-  own = {path: g for path, g in _flat(perturbation_grads).items() if path[-1] in ("kernel", "bias")}
+  plus the layer's own gradient from its stand-ins in `perturbation_grads`; those leaves
+  alone, as `RelativeArgs.direct_grads` ({P: {kernel, bias}}); and `perturbation_grads` with
+  each stand-in's gradient in its param's shape and dtype (summed over the steps of a layer
+  shared by nn.scan, so that `RelativeArgs` hold D² per layer, not T·D²)."""
+  flat_perturbations = _flat(perturbation_grads)
+  own = {path: g for path, g in flat_perturbations.items() if path[-1] in ("kernel", "bias")}
   direct = {}
 
   def add(key_path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
@@ -162,18 +164,13 @@ def add_own_gradients(grads: PyTree, perturbation_grads: PyTree) -> tuple[PyTree
         "without stacking them elsewhere."
       )
     direct[path] = leaf
-    return leaf + _own_gradient(own[path], leaf)
+    extra = own[path].ndim - leaf.ndim  # The steps of a layer shared by nn.scan or nn.vmap.
+    flat_perturbations[path] = own[path].sum(tuple(range(extra))).astype(leaf.dtype)
+    return leaf + flat_perturbations[path]
 
   total = jax.tree_util.tree_map_with_path(add, grads)
-  return total, flax.traverse_util.unflatten_dict(direct)
-
-
-def _own_gradient(stand_in_grad: jax.Array, leaf: jax.Array) -> jax.Array:
-  """A stand-in's gradient in its leaf's shape and dtype: summed over the steps of a layer
-  shared by `nn.scan` or `nn.vmap` (leading axes the param does not have; `add_own_gradients`
-  refuses any other layout)."""
-  extra = stand_in_grad.ndim - leaf.ndim
-  return stand_in_grad.sum(tuple(range(extra))).astype(leaf.dtype)
+  unflatten = flax.traverse_util.unflatten_dict
+  return total, unflatten(direct), unflatten(flat_perturbations)
 
 
 def _augmented_metric_product(
@@ -262,8 +259,7 @@ def _euclidean_mismatch(
   Per flow layer, two checks:
   - each received leaf must equal the pass's own gradient plus its direct one (the sum the
     pass returned, recomputed from `relative_args`), within ε of their magnitudes (ε of the
-    leaf's dtype; 1 + 8(T − 1) ε for a layer shared by T steps of nn.scan, whose sum may be
-    ordered otherwise): any change to the gradient beyond rounding is caught;
+    leaf's dtype): any change to the gradient beyond rounding is caught;
   - the params must be those of the pass: the own kernel gradient zᵀ δ must satisfy
     ⟨zᵀ δ, W⟩ = Σ_rows (y − b)·δ (as z W = y − b), O(B·D), within 1e-3 of the expected value
     plus √ε times the sum of the absolute terms, so params that differ by less than about
@@ -278,22 +274,15 @@ def _euclidean_mismatch(
         "them with value_grad_and_relative_args."
       )
     accumulate = jnp.promote_types(layer.kernel_inner.dtype, jnp.float32)
-    for path, stand_in_grad in layer.own_grads.items():
+    for path, own in layer.own_grads.items():
       received = leaves[path]
-      expected = direct[path] + _own_gradient(stand_in_grad, received)
-      # Rounding: the sum over a shared layer's steps may be ordered otherwise than in the pass.
-      steps = stand_in_grad.size // received.size
-      scale = jnp.abs(direct[path].astype(accumulate)) + _own_gradient(
-        jnp.abs(stand_in_grad.astype(accumulate)), received.astype(accumulate)
-      )
+      expected = direct[path] + own  # The sum the pass returned: equal but for a rounding.
+      scale = jnp.abs(direct[path].astype(accumulate)) + jnp.abs(own.astype(accumulate))
       error = jnp.linalg.norm((received.astype(accumulate) - expected.astype(accumulate)).ravel())
-      # The same sum as the pass's: equal but for a rounding, or the steps' order of summation.
-      allowed = (
-        (1 + 8 * (steps - 1)) * jnp.finfo(received.dtype).eps * jnp.linalg.norm(scale.ravel())
-      )
+      allowed = jnp.finfo(received.dtype).eps * jnp.linalg.norm(scale.ravel())
       mismatches.append(~(error <= allowed))
       finite.append(jnp.all(jnp.isfinite(received)))
-    own_kernel = _own_gradient(layer.own_grads[layer.kernel_path], layer.kernel)
+    own_kernel = layer.own_grads[layer.kernel_path]
     products = own_kernel.astype(accumulate) * layer.kernel.astype(accumulate)
     eps = max(jnp.finfo(layer.kernel.dtype).eps, jnp.finfo(layer.kernel_inner.dtype).eps)
     error = jnp.abs(products.sum() - layer.kernel_inner.astype(accumulate))
