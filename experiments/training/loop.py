@@ -354,8 +354,8 @@ def report_layers(config: ml_collections.ConfigDict, workdir: str) -> str:
   run = _evaluation_run(config, workdir)
   try:
     step, params = run.checkpoints.restore_best_params(run.abstract_state().params)
-    rows, base = layer_report.layer_report(run.model, params, run.validation_y())
-    return f"best checkpoint (step {step}), validation split:\n{layer_report.describe(rows, base)}"
+    report = layer_report.layer_report(run.model, params, run.validation_y())
+    return f"best checkpoint (step {step}), validation split:\n{layer_report.describe(*report)}"
   finally:
     run.close()
 
