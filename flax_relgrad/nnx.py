@@ -45,6 +45,9 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib  # noqa: E402
 import contextvars
+import os
+import sys
+import types
 from typing import Any
 
 from flax import nnx
@@ -143,6 +146,8 @@ class _RelativePass:
     self.shapes: dict[Path, list[jax.ShapeDtypeStruct]] = {}
     self.log_det_layers: set[Path] = set()
     self.stack_shapes = {path: layer.kernel.shape[:-2] for path, layer in self.layers.items()}
+    self.unwritten: dict[Path, tuple[jax.Array, ...]] = {}
+    self.loss_frame: types.FrameType | None = None
 
   def attach(self) -> None:
     for path, layer in self.layers.items():
@@ -152,6 +157,7 @@ class _RelativePass:
         calls = tuple(layer_perturbations[PREACTIVATION])
         setattr(layer, _PERTURBATIONS, _RelativePassState(calls))
         setattr(layer, _PREACTIVATIONS, _RelativePassState(calls))
+        self.unwritten[path] = calls
       if LOG_ABS_DET in layer_perturbations:
         setattr(layer, _LOG_ABS_DET, _RelativePassState(layer_perturbations[LOG_ABS_DET]))
       for param, name in _STAND_INS.items():
@@ -165,12 +171,18 @@ class _RelativePass:
           delattr(layer, name)
 
   def recorded_preactivations(self) -> dict[Path, tuple[jax.Array, ...]]:
-    """{path: (y per call,)} as the model holds them (a stack's axes in front)."""
-    return {
+    """{path: (y per call,)} as the model holds them (a stack's axes in front), refusing a
+    call whose y never came back to the model (still its placeholder)."""
+    recorded = {
       path: getattr(layer, _PREACTIVATIONS).get_value()
       for path, layer in self.layers.items()
       if hasattr(layer, _PREACTIVATIONS)
     }
+    for path, ys in recorded.items():
+      for call, (y, placeholder) in enumerate(zip(ys, self.unwritten[path], strict=True)):
+        if y is placeholder:
+          raise ValueError(NOT_RECORDED.format(name=_name(path), call=call + 1))
+    return recorded
 
   def path(self, layer: FlowDense) -> Path:
     path = getattr(layer, _PATH, None)
@@ -193,6 +205,7 @@ class _RelativePass:
           f"is {self.layers[path].kernel.shape} in the model, {layer.kernel.shape} where it is "
           "applied): stack flows on axis 0 (in_axes=0 and out_axes=0 for the module)."
         )
+      self._refuse_enclosing_transform(path)
       shape = self.stack_shapes[path] + y.shape
       self.shapes.setdefault(path, []).append(jax.ShapeDtypeStruct(shape, y.dtype))
       return y
@@ -208,6 +221,21 @@ class _RelativePass:
     recorded = getattr(layer, _PREACTIVATIONS)
     recorded.set_value(recorded.get_value()[:call] + (y,) + recorded.get_value()[call + 1 :])
     return y + perturbation
+
+  def _refuse_enclosing_transform(self, path: Path) -> None:
+    """Refuses a layer applied, inside the loss, under a JAX loop that shares it across steps
+    or under differentiation: JAX traces both through Python, so their functions are on the
+    call stack between the loss and this layer (`_ENCLOSING_TRANSFORMS`). A stacked layer
+    (kernel (E, D, D)) may be scanned over its stack axis: each step applies its own layer."""
+    frame = sys._getframe(1)
+    while frame is not None and frame is not self.loss_frame:
+      source = frame.f_code.co_filename.replace(os.sep, "/")
+      for ending, message in _ENCLOSING_TRANSFORMS:
+        if source.endswith(ending) and (
+          message is not SHARED_IN_LOOP or not self.stack_shapes[path]
+        ):
+          raise ValueError(message.format(name=_name(path)))
+      frame = frame.f_back
 
   def layer_params(
     self, layer: FlowDense, kernel: jax.Array, bias: jax.Array | None
@@ -575,6 +603,10 @@ def value_and_relative_grad(
   - Unless `exact_loss`, every flow layer's log|det W| enters `value` as 0: it is not the NLL.
   - Other state the loss changes (`nnx.BatchNorm` statistics, `nnx.Rngs` counts) is written
     back to the model, as `nnx.value_and_grad` does.
+  - The loss may apply flows under `nnx.jit`, `nnx.remat`, `nnx.cond`, `nnx.vmap` of flows
+    stacked on axis 0 and `nnx.scan` over such a stack. A layer shared by the steps of a loop,
+    a copy of the model whose state does not come back (`nnx.clone`), or differentiation
+    through a flow inside the loss raises a `ValueError`: the update would be wrong.
 
   Args:
     loss_fn: `loss_fn(model, *args, **kwargs)`.
@@ -634,7 +666,8 @@ def _relative_pass_fn(
   def value_grad_and_args_fn(
     model: nnx.Module, *args: Any, **kwargs: Any
   ) -> tuple[Any, nnx.State, RelativeArgs]:
-    def loss_and_preactivations(model, perturbations, *args, **kwargs):
+    # Keyword arguments are closed over: jax.grad with argnums cannot place them.
+    def loss_and_preactivations(model, perturbations, *args):
       with _relative_pass(model, _by_layer(perturbations)) as tracker:
         output = loss_fn(model, *args, **kwargs)
         recorded = tracker.recorded_preactivations()
@@ -649,7 +682,7 @@ def _relative_pass_fn(
       placeholders = make_placeholders(discovered, params, applied, exact_loss, require_log_det)
       (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
         loss_and_preactivations, argnums=(0, 1), has_aux=True
-      )(model, placeholders, *args, **kwargs)
+      )(model, placeholders, *args)
     except flax.errors.TraceContextError as error:
       raise ValueError(RAW_TRANSFORM) from error
     except ValueError as error:
@@ -671,6 +704,37 @@ RAW_TRANSFORM = (
   "(..., D) batch at once (it maps the last axis of any input), use nnx.vmap or nnx.remat, "
   "and train losses that differentiate through the flow (score or gradient penalties) with "
   "nnx.value_and_grad."
+)
+
+SHARED_IN_LOOP = (
+  "flax_relgrad.nnx.value_and_relative_grad: FlowDense '{name}' is applied inside a loop "
+  "(nnx.scan, nnx.fori_loop, nnx.while_loop or their jax.lax forms) that shares the layer "
+  "across its steps, where its pre-activations differ per step but its relative-gradient "
+  "state cannot. Apply the flow to all steps at once (it maps the last axis of any (..., D) "
+  "input, e.g. x of shape (T, B, D)), unroll the loop in Python, or scan over a stack of "
+  "layers (in_axes=0 for the module)."
+)
+
+DIFFERENTIATED = (
+  "flax_relgrad.nnx.value_and_relative_grad: the loss differentiates through FlowDense "
+  "'{name}' (nnx.grad, jax.grad, jax.jvp, jax.jacfwd, ...: a score or gradient penalty). The "
+  "relative gradient covers losses that use a layer through its outputs and log|det W| only: "
+  "train this loss with nnx.value_and_grad."
+)
+
+_ENCLOSING_TRANSFORMS = (
+  ("jax/_src/lax/control_flow/loops.py", SHARED_IN_LOOP),
+  ("jax/_src/interpreters/ad.py", DIFFERENTIATED),
+)
+"""(source file of JAX's tracing functions, what a layer applied under them gets)."""
+
+NOT_RECORDED = (
+  "flax_relgrad.nnx.value_and_relative_grad: FlowDense '{name}' (call {call}) was applied to a "
+  "copy of the model whose state does not come back to it (nnx.clone, nnx.merge of nnx.split "
+  "state inside jax.vmap or jax.lax.scan, nnx.scan with the flow broadcast), so its "
+  "pre-activations were not recorded. Apply the model passed to the loss, under NNX "
+  "transforms (nnx.vmap with in_axes=0 for stacked flows, nnx.remat, nnx.jit, nnx.cond), or "
+  "apply the flow to all the inputs at once."
 )
 
 BROADCAST_UNDER_VMAP = (
@@ -695,6 +759,7 @@ def _discover(
   def shapes(state):
     model = nnx.merge(graphdef, state)
     with _relative_pass(model, None) as tracker:
+      tracker.loss_frame = sys._getframe()
       loss_fn(model, *args, **kwargs)
     found["tracker"] = tracker
 

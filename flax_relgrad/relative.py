@@ -301,8 +301,14 @@ def _flat_leaves(tree: PyTree) -> dict[Path, jax.Array]:
 
 
 def _path(key_path: tuple[Any, ...]) -> Path:
-  """The dict keys of a pytree path: Flax NNX's `nnx.State` adds attribute keys around its leaves."""
-  return tuple(str(key.key) for key in key_path if isinstance(key, jax.tree_util.DictKey))
+  """The dict keys and sequence indices of a pytree path, as strings (the gradients of a tuple
+  of NNX modules are a tuple of `nnx.State`s); the attribute keys that `nnx.State` adds around
+  its leaves are dropped."""
+  return tuple(
+    str(key.key) if isinstance(key, jax.tree_util.DictKey) else str(key.idx)
+    for key in key_path
+    if isinstance(key, (jax.tree_util.DictKey, jax.tree_util.SequenceKey))
+  )
 
 
 class _LayerUpdate(NamedTuple):
@@ -526,6 +532,11 @@ def make_placeholders(
 
 
 def check_scalar_loss(loss: Any) -> None:
+  if isinstance(loss, (tuple, list)):
+    raise ValueError(
+      f"value_and_relative_grad: loss_fn returned a {type(loss).__name__} of {len(loss)}, not "
+      "a scalar loss: for (loss, aux), pass has_aux=True."
+    )
   if jnp.shape(loss) != ():
     raise ValueError(
       f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
