@@ -227,7 +227,7 @@ class _RelativePass:
     or under differentiation: JAX traces both through Python, so their functions are on the
     call stack between the loss and this layer (`_ENCLOSING_TRANSFORMS`). A stacked layer
     (kernel (E, D, D)) may be scanned over its stack axis: each step applies its own layer."""
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and frame is not self.loss_frame:
       source = frame.f_code.co_filename.replace(os.sep, "/")
       for ending, message in _ENCLOSING_TRANSFORMS:
