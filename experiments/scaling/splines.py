@@ -2,6 +2,7 @@
 
     python -m experiments.scaling.splines
     python -m experiments.scaling.splines --width=784 --batch=100 --num_layers=8 --bins=8
+    python -m experiments.scaling.splines --profile_calls=20
 
 Times, side by side in one process (interleaved repetitions, medians), one jitted training
 step (`fr.relative_update` + Adam) of a `FlowMLP` without splines and the same flow with a
@@ -11,6 +12,10 @@ map z W + b, the activation with its log-derivative, and the spline with its log
 The arithmetic sets what the splines should cost: a dense layer is O(B·D²) (2·B·D² flops
 forward, twice that backward), a spline O(B·D·K) in elementwise work, so at D = 784 and
 K = 8 a spline is a few percent of a dense layer.
+
+With `--profile_calls=N` it then traces N more calls of each step and prints, by kind of
+kernel (`kernel_profile`: matrix products, elementwise fusions, gathers, scatters, ...), how
+many kernels one step runs and their traced time: where the splines' time goes.
 
 OpenBLAS is limited to one thread unless OPENBLAS_NUM_THREADS is set (by importing
 `experiments`, see its docstring).
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 import flax_relgrad as fr
+from experiments.scaling import kernel_profile
 from experiments.scaling import timing
 
 FLAGS = flags.FLAGS if __name__ == "__main__" else flags.FlagValues()
@@ -45,22 +51,29 @@ flags.DEFINE_integer("repetitions", 9, "Interleaved repetitions.", flag_values=F
 flags.DEFINE_float(
   "min_repetition_s", 0.2, "Each repetition runs calls for about this long.", flag_values=FLAGS
 )
+flags.DEFINE_integer(
+  "profile_calls", 0, "Traced calls per step for the kernel profile; 0: none.", flag_values=FLAGS
+)
 
 Timed = Callable[[], Any]
 
 
-def training_step(model: fr.FlowMLP, x: jax.Array, learning_rate: float = 1e-4) -> Timed:
-  """One relative-gradient Adam step of `model` on x, jitted, params donated (as in training)."""
+def training_step(
+  model: fr.FlowMLP, x: jax.Array, learning_rate: float = 1e-4
+) -> tuple[Timed, str]:
+  """One relative-gradient Adam step of `model` on x, compiled, params donated (as in
+  training), and the compiled step's optimised HLO text."""
   params = model.init(jax.random.PRNGKey(0), x, method="log_prob")["params"]
   tx = optax.adam(learning_rate)
   state = {"params": params, "opt_state": tx.init(params)}
   step = jax.jit(functools.partial(fr.relative_update, model, tx), donate_argnums=(0, 1))
+  compiled = step.lower(state["params"], state["opt_state"], x).compile()
 
   def run():
-    state["params"], state["opt_state"], loss = step(state["params"], state["opt_state"], x)
+    state["params"], state["opt_state"], loss = compiled(state["params"], state["opt_state"], x)
     return loss
 
-  return run
+  return run, compiled.as_text()
 
 
 def part_forward_and_grad(module: Any, x: jax.Array, method: str) -> Timed:
@@ -103,11 +116,14 @@ def main(argv: Sequence[str]) -> None:
   width, batch, layers, bins = FLAGS.width, FLAGS.batch, FLAGS.num_layers, FLAGS.bins
   x = jax.random.normal(jax.random.PRNGKey(2), (batch, width)) * 3.0
   activation = fr.SmoothLeakyReLU(0.01)
-  timed = {
-    "step without splines": training_step(fr.FlowMLP(layers, activation), x),
-    "step with splines": training_step(
+  steps = {
+    "without splines": training_step(fr.FlowMLP(layers, activation), x),
+    "with splines": training_step(
       fr.FlowMLP(layers, activation, spline_bins=bins, spline_bound=FLAGS.bound), x
     ),
+  }
+  timed = {
+    **{f"step {name}": run for name, (run, _) in steps.items()},
     "dense z W + b": part_forward_and_grad(fr.FlowDense(), x, "__call__"),
     "activation": activation_forward_and_grad(activation, x),
     "spline": part_forward_and_grad(
@@ -130,6 +146,33 @@ def main(argv: Sequence[str]) -> None:
       else f"{seconds / dense:.3f}× the dense map"
     )
     print(f"| {name} | {1e3 * seconds:.2f} | {reference} |")
+  if FLAGS.profile_calls:
+    print(profile_table(steps, FLAGS.profile_calls))
+
+
+def profile_table(steps: dict[str, tuple[Timed, str]], calls: int) -> str:
+  """`kernel_profile.profile_by_kind` of each step ((run, HLO text) by name), as a table of
+  kernels per step and traced milliseconds per step by kind of kernel."""
+  profiles = {
+    name: kernel_profile.profile_by_kind(run, hlo, calls) for name, (run, hlo) in steps.items()
+  }
+  kinds = list(dict.fromkeys(kind for profile in profiles.values() for kind in profile))
+  names = list(profiles)
+  lines = [
+    f"\nKernels of one step by kind, traced over {calls} calls of each step (tracing slows "
+    "kernels; compare the columns, not with the timings above).\n",
+    "| kind | " + " | ".join(f"kernels {n} | ms {n}" for n in names) + " |",
+    "|---|" + "---:|---:|" * len(names),
+  ]
+  for kind in kinds + ["all"]:
+    cells = []
+    for name in names:
+      profile = profiles[name]
+      parts = profile.values() if kind == "all" else [profile.get(kind, (0.0, 0.0))]
+      count, seconds = sum(c for c, _ in parts), sum(s for _, s in parts)
+      cells += [f"{count:.0f}", f"{1e3 * seconds:.2f}"]
+    lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

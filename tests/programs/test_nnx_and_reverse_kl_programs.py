@@ -20,9 +20,18 @@ def test_spline_cost_benchmark_runs(capsys):
   from experiments.scaling import splines  # pylint: disable=g-import-not-at-top
 
   splines.main(
-    ["splines", "--width=6", "--batch=3", "--num_layers=2", "--bins=3", "--repetitions=1"]
+    [
+      "splines",
+      "--width=6",
+      "--batch=3",
+      "--num_layers=2",
+      "--bins=3",
+      "--repetitions=1",
+      "--profile_calls=2",
+    ]
   )
-  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  timings, profile = capsys.readouterr().out.split("Kernels of one step by kind")
+  rows = [line for line in timings.splitlines() if line.startswith("| ")]
   names = [row.split(" | ")[0].strip("| ") for row in rows[1:]]
   assert names == [
     "step without splines",
@@ -32,6 +41,36 @@ def test_spline_cost_benchmark_runs(capsys):
     "spline",
   ]
   assert all(float(row.split(" | ")[1]) > 0 for row in rows[1:])
+  kinds = {
+    row.split(" | ")[0].strip("| "): [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
+    for row in profile.splitlines()[4:]
+  }
+  # Both steps multiply matrices; only the one with splines gathers bin parameters.
+  assert kinds["matrix product"][0] > 0 and kinds["matrix product"][2] > 0
+  assert kinds["gather"][:2] == [0.0, 0.0] and kinds["gather"][2] > 0
+  assert kinds["all"][2] > kinds["all"][0]
+
+
+def test_kernel_kinds_of_a_compiled_module():
+  """Every instruction of an optimised module gets a kind; a product, a gather and a reduction
+  are named as such, and every traced kernel of a call is one of them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from experiments.scaling import kernel_profile  # pylint: disable=g-import-not-at-top
+
+  def f(a, b, index):
+    return jnp.take(jnp.exp(a @ b), index).sum(0)
+
+  args = (jnp.ones((8, 8)), jnp.ones((8, 8)), jnp.arange(5))
+  compiled = jax.jit(f).lower(*args).compile()
+  kinds = set(kernel_profile.kernel_kinds(compiled.as_text()).values())
+  assert {"matrix product", "gather"} <= kinds and kinds & {"reduction", "elementwise"}
+  profile = kernel_profile.profile_by_kind(lambda: compiled(*args), compiled.as_text(), calls=3)
+  assert "matrix product" in profile
+  assert all(count > 0 and seconds >= 0 for count, seconds in profile.values())
+  with pytest.raises(RuntimeError, match="needs the CPU backend"):
+    kernel_profile.profile_by_kind(lambda: compiled(*args), "HloModule empty", calls=1)
 
 
 def test_reverse_kl_program_runs(tmp_path, capsys):
