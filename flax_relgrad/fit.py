@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
+import functools
 import math
 import operator
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,7 +108,9 @@ def fit(
       loop) or data that are not numbers.
     ValueError: for arrays of mismatched or empty shapes, non-finite values (naming the
       first such row; float64 beyond float32's range counts, when JAX computes in float32),
-      batch_size > N, or batch_size, max_epochs or patience not an integer >= 1.
+      batch_size > N, or batch_size, max_epochs or patience not an integer >= 1; for a model
+      with variables besides params or that needs rngs (BatchNorm, dropout), and for an
+      optimizer with `relative_jacobian()` (fit computes the relative gradient itself).
     FloatingPointError: when training diverges (a non-finite loss), naming the epoch.
   """
   if not isinstance(model, nn.Module):
@@ -134,6 +138,7 @@ def fit(
   tx = optimizer or optax.adam(1e-3)
   opt_state = tx.init(params)
   num_batches = train[0].shape[0] // batch_size
+  _check_trainable(model, tx, params, opt_state, tuple(a[:batch_size] for a in train))
 
   @jax.jit
   def run_epoch(params, opt_state, order):
@@ -174,6 +179,27 @@ def fit(
       break
   report(None, 0.0, 0.0)
   return FitResult(best_params, best_epoch, history)
+
+
+def _check_trainable(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  params: PyTree,
+  opt_state: optax.OptState,
+  batch: tuple[jax.Array, ...],
+) -> None:
+  """Traces one step (shapes only) and says what `fit` supports when that fails."""
+  try:
+    jax.eval_shape(functools.partial(relative_update, model, tx), params, opt_state, *batch)
+  except (ValueError, flax.errors.FlaxError) as error:
+    raise ValueError(
+      f"fit cannot take a step of this model with this optimizer: {error}\n"
+      "fit trains a flow whose variables are its params only, applied without rngs (no "
+      "BatchNorm statistics, no dropout), with a plain optax optimizer: it computes the "
+      "relative gradient itself, so the optimizer holds no relative_jacobian(). For anything "
+      "else write the step with value_and_relative_grad (its model_state, mutable and rngs) "
+      "as in the README's 'Use it in your own model'."
+    ) from error
 
 
 def _log_det_terms(model: nn.Module, params: PyTree, *batch: jax.Array) -> jax.Array:

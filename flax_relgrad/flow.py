@@ -39,7 +39,10 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
 import contextvars
+import types
 
+import flax.core.lift
+import flax.core.scope
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,6 +63,8 @@ from flax_relgrad.core.distribution import FlowMethods
 from flax_relgrad.core.stack import GaussianParams
 from flax_relgrad.core.stack import check_flow_settings
 from flax_relgrad.core.stack import spline_count
+from flax_relgrad.relative import differentiates
+from flax_relgrad.relative import enclosing_sources
 from flax_relgrad.splines import RationalQuadraticSpline
 
 INTERMEDIATES = "intermediates"
@@ -72,10 +77,15 @@ _IN_RELATIVE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar(
 _OWN_GRADIENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
   "linen_own_gradients", default=False
 )
+_DISCOVERY_FRAME: contextvars.ContextVar[types.FrameType | None] = contextvars.ContextVar(
+  "linen_discovery_frame", default=None
+)
 
 
 @contextlib.contextmanager
-def relative_pass(own_gradients: bool = False) -> Iterator[None]:
+def relative_pass(
+  own_gradients: bool = False, discovery_frame: types.FrameType | None = None
+) -> Iterator[None]:
   """Marks the relative-gradient pass (`value_grad_and_relative_args` applies the loss in
   it): only inside it do flow layers make or read `perturbations`.
 
@@ -83,14 +93,21 @@ def relative_pass(own_gradients: bool = False) -> Iterator[None]:
   their autodiff gradient holds only what the loss does with them besides the layer (a
   penalty on W, a tied weight; zero for a plain likelihood). With `own_gradients` (for
   `relative_jacobian()`), the layer adds zero stand-ins to them, kept in `perturbations`
-  under `kernel` and `bias`, whose gradient is the layer's own Euclidean one (zᵀδ, Σ δ)."""
-  token = _IN_RELATIVE_PASS.set(True)
-  own_token = _OWN_GRADIENTS.set(own_gradients)
+  under `kernel` and `bias`, whose gradient is the layer's own Euclidean one (zᵀδ, Σ δ).
+  `discovery_frame`, the frame that applies the loss in the shape-only discovery pass,
+  bounds the layers' search of the call stack for what they are applied under."""
+  tokens = (
+    _IN_RELATIVE_PASS.set(True),
+    _OWN_GRADIENTS.set(own_gradients),
+    _DISCOVERY_FRAME.set(discovery_frame),
+  )
   try:
     yield
   finally:
-    _OWN_GRADIENTS.reset(own_token)
-    _IN_RELATIVE_PASS.reset(token)
+    for variable, token in zip(
+      (_IN_RELATIVE_PASS, _OWN_GRADIENTS, _DISCOVERY_FRAME), tokens, strict=True
+    ):
+      variable.reset(token)  # type: ignore[attr-defined]
 
 
 class FlowDense(DenseMethods, nn.Module):
@@ -131,11 +148,34 @@ class FlowDense(DenseMethods, nn.Module):
     )
     bias = self.param("bias", self.bias_init, (width,), self.param_dtype) if self.use_bias else None
     if _IN_RELATIVE_PASS.get() and not self.is_initializing():
+      self._refuse_unrecordable_use()
       kernel, bias = self._relative_pass_params(kernel, bias)
     y = z @ kernel
     if bias is not None:
       y = y + bias
     return self._track_preactivation(y)
+
+  def _refuse_unrecordable_use(self) -> None:
+    """Refuses, in the relative-gradient pass, an application whose update would be wrong:
+    one where the layer cannot record y (a nested `model.apply` inside the loss, a lifted
+    transform without the pass's collections), and, in the discovery pass, one under
+    differentiation (`nn.grad`, `nn.vjp`, `nn.jvp`, `jax.grad`), under `nn.map_variables`
+    that changes its params (the update is for the params as stored), or in a branch of
+    `nn.cond` or `nn.switch` (which would leak the pass's tracers)."""
+    name = "/".join(self.path)
+    if not self.is_mutable_collection(INTERMEDIATES):
+      raise ValueError(
+        (NOT_CARRIED if _under_lifted_transform() else NESTED_APPLY).format(name=name)
+      )
+    if not self.is_mutable_collection(PERTURBATIONS):
+      return
+    for source, frame in enclosing_sources(_DISCOVERY_FRAME.get()):
+      if differentiates(source, frame):
+        raise ValueError(DIFFERENTIATED.format(name=name))
+      if source.endswith(_LIFT_SOURCE) and _maps_params(frame):
+        raise ValueError(MAPPED_PARAMS.format(name=name))
+      if source.endswith(_LIFT_SOURCE) and frame.f_code.co_name == "branch_wrapper":
+        raise ValueError(BRANCHED.format(name=name))
 
   def _relative_pass_params(
     self, kernel: jax.Array, bias: jax.Array | None
@@ -197,6 +237,66 @@ class FlowDense(DenseMethods, nn.Module):
       raise ValueError(
         f"value_and_relative_grad: flow layer '{'/'.join(self.path)}': {INVERSE_IN_RELATIVE_PASS}"
       )
+
+
+NESTED_APPLY = (
+  "value_and_relative_grad: flow layer '{name}' is applied in a nested model.apply(...) or "
+  "model.bind(...) inside the loss, where the pass cannot record its pre-activations. Call "
+  "the bound module's methods in the loss instead (m.log_prob(x), m.flow(x)), and compute a "
+  "frozen copy's outputs outside the loss and pass them in."
+)
+
+NOT_CARRIED = (
+  "value_and_relative_grad: flow layer '{name}' is applied inside a lifted transform (nn.vmap, "
+  "nn.scan, ...) that does not carry the relative-gradient collections: inside nn.vmap or "
+  "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same axis as "
+  "'params' (0), e.g. variable_axes={{'params': 0, 'intermediates': 0, 'perturbations': 0}}."
+)
+
+DIFFERENTIATED = (
+  "value_and_relative_grad: the loss differentiates through flow layer '{name}' (nn.grad, "
+  "nn.vjp, nn.jvp, jax.grad, jax.jacfwd, ...: a score or gradient penalty). The relative "
+  "gradient covers losses that use a layer through its outputs and log|det W| only: train "
+  "this loss with jax.value_and_grad."
+)
+
+MAPPED_PARAMS = (
+  "value_and_relative_grad: flow layer '{name}' is applied under nn.map_variables that maps "
+  "its params (a frozen copy by stop_gradient, a reparameterisation), so the layer does not "
+  "use its params as stored and their relative gradient would be wrong. Freeze a flow with "
+  "optax (optax.multi_transform with optax.set_to_zero() for its params) or compute a frozen "
+  "copy's outputs outside the loss; reparameterise outside the flow layers."
+)
+
+BRANCHED = (
+  "value_and_relative_grad: flow layer '{name}' is applied inside nn.cond or nn.switch, whose "
+  "branches cannot carry the pass's record of its pre-activations. Apply the flows outside the "
+  "conditional and select their outputs with jnp.where (or weigh each log p by a mask)."
+)
+
+_LIFT_SOURCE = "flax/core/lift.py"
+
+
+def _under_lifted_transform() -> bool:
+  """Whether the innermost `Module.apply` or Flax lifted transform around the caller is the
+  latter."""
+  for source, frame in enclosing_sources(None):
+    if source.endswith(_LIFT_SOURCE):
+      return True
+    if source.endswith("flax/linen/module.py") and frame.f_code.co_name == "apply":
+      return False
+  return False
+
+
+def _maps_params(frame: types.FrameType) -> bool:
+  """Whether `frame` runs Flax's `lift.map_variables` with a map of the 'params' collection
+  (the function that applies the map closes over `map_in_fn` and `mapped_collections`)."""
+  if "map_in_fn" not in frame.f_code.co_freevars:
+    return False
+  mapped = frame.f_locals.get("mapped_collections")
+  return frame.f_locals.get("map_in_fn") is not flax.core.lift.id_fn and (
+    mapped is not None and flax.core.scope.in_filter(mapped, "params")
+  )
 
 
 class DiagonalGaussian(nn.Module):

@@ -45,7 +45,6 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib  # noqa: E402
 import contextvars
-import os
 import sys
 import types
 from typing import Any
@@ -85,6 +84,8 @@ from flax_relgrad.relative import PyTree
 from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import add_own_gradients
 from flax_relgrad.relative import check_scalar_loss
+from flax_relgrad.relative import differentiates
+from flax_relgrad.relative import enclosing_sources
 from flax_relgrad.relative import make_placeholders
 from flax_relgrad.relative import relative_gradients
 
@@ -225,17 +226,13 @@ class _RelativePass:
   def _refuse_enclosing_transform(self, path: Path) -> None:
     """Refuses a layer applied, inside the loss, under a JAX loop that shares it across steps
     or under differentiation: JAX traces both through Python, so their functions are on the
-    call stack between the loss and this layer (`_ENCLOSING_TRANSFORMS`). A stacked layer
+    call stack between the loss and this layer (`enclosing_sources`). A stacked layer
     (kernel (E, D, D)) may be scanned over its stack axis: each step applies its own layer."""
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None and frame is not self.loss_frame:
-      source = frame.f_code.co_filename.replace(os.sep, "/")
-      for ending, message in _ENCLOSING_TRANSFORMS:
-        if source.endswith(ending) and (
-          message is not SHARED_IN_LOOP or not self.stack_shapes[path]
-        ):
-          raise ValueError(message.format(name=_name(path)))
-      frame = frame.f_back
+    for source, frame in enclosing_sources(self.loss_frame):
+      if source.endswith(_LOOP_SOURCE) and not self.stack_shapes[path]:
+        raise ValueError(SHARED_IN_LOOP.format(name=_name(path)))
+      if differentiates(source, frame):
+        raise ValueError(DIFFERENTIATED.format(name=_name(path)))
 
   def layer_params(
     self, layer: FlowDense, kernel: jax.Array, bias: jax.Array | None
@@ -677,9 +674,9 @@ def _relative_pass_fn(
       return loss, (output, flax.traverse_util.unflatten_dict(calls))
 
     try:
-      discovered, applied = _discover(model, loss_fn, args, kwargs, own_gradients)
+      discovered = _discover(model, loss_fn, args, kwargs, own_gradients)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      placeholders = make_placeholders(discovered, params, applied, exact_loss, require_log_det)
+      placeholders = make_placeholders(discovered, params, exact_loss, require_log_det)
       (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
         loss_and_preactivations, argnums=(0, 1), has_aux=True
       )(model, placeholders, *args)
@@ -722,11 +719,8 @@ DIFFERENTIATED = (
   "train this loss with nnx.value_and_grad."
 )
 
-_ENCLOSING_TRANSFORMS = (
-  ("jax/_src/lax/control_flow/loops.py", SHARED_IN_LOOP),
-  ("jax/_src/interpreters/ad.py", DIFFERENTIATED),
-)
-"""(source file of JAX's tracing functions, what a layer applied under them gets)."""
+_LOOP_SOURCE = "jax/_src/lax/control_flow/loops.py"
+"""Where JAX traces the body of lax.scan, fori_loop and while_loop (and NNX's loops)."""
 
 NOT_RECORDED = (
   "flax_relgrad.nnx.value_and_relative_grad: FlowDense '{name}' (call {call}) was applied to a "
@@ -747,12 +741,11 @@ BROADCAST_UNDER_VMAP = (
 
 def _discover(
   model: nnx.Module, loss_fn: LossFn, args: tuple, kwargs: dict, own_gradients: bool
-) -> tuple[PyTree, set[Path]]:
+) -> PyTree:
   """A shape-only pass (free under jit, no effect on the model's state): the shapes of every
   flow layer's pre-activations, one per call, a log-det entry for each layer whose
   log|det W| the loss uses, and with `own_gradients` the kernel and bias stand-ins of each
-  applied layer, as `{path: {PREACTIVATION: (...), LOG_ABS_DET: (), "kernel": ...}}`; and
-  the paths of the applied layers."""
+  applied layer, as `{path: {PREACTIVATION: (...), LOG_ABS_DET: (), "kernel": ...}}`."""
   graphdef, state = nnx.split(model)
   found: dict[str, Any] = {}
 
@@ -777,7 +770,7 @@ def _discover(
       for name, param in (("kernel", kernel), ("bias", bias)):
         if param is not None:
           flat[path + (name,)] = jax.ShapeDtypeStruct(param.shape, param.dtype)
-  return flax.traverse_util.unflatten_dict(flat), set(tracker.shapes)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def _by_layer(tree: PyTree) -> dict[Path, dict[str, Any]]:

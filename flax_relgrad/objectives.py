@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence
+import sys
 from typing import Any
 
 import flax.errors
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 from flax_relgrad.core.dense import PREACTIVATION
 from flax_relgrad.flow import INTERMEDIATES
 from flax_relgrad.flow import PERTURBATIONS
-from flax_relgrad.flow import FlowDense
 from flax_relgrad.flow import relative_pass
 from flax_relgrad.relative import PyTree
 from flax_relgrad.relative import RelativeArgs
@@ -69,7 +69,10 @@ def value_and_relative_grad(
 
   The bookkeeping is built from this call (a shape-only pass, free under jit), never from
   `init`, so any batch size works. `value_grad_and_relative_args` is the same pass for the
-  Optax transform `relative_jacobian()`.
+  Optax transform `relative_jacobian()`. Refused with a `ValueError`, because the update
+  would be wrong: a loss that applies a flow in a nested `model.apply`/`model.bind`, under
+  `nn.map_variables` of its params, or differentiates through it (`nn.grad`, `jax.grad`: a
+  score penalty); and differentiating through the result with respect to flow params.
 
   Args:
     model: the Linen module (unbound).
@@ -81,9 +84,10 @@ def value_and_relative_grad(
     exact_loss: compute each flow layer's log|det W| by `slogdet` (forward only, O(D³)), so
       that the returned loss is exact. Needed for exactness when the loss is not affine in
       the log-likelihoods with constant coefficients — a mixture of flows, a log-mean-exp, the
-      cross-entropy of a generative classifier, learned weights or gates on log p: there
-      the gradients depend on the log-det values. A batch mean or sum of log-likelihoods,
-      constant weights and masks do not need it.
+      cross-entropy of a generative classifier, learned weights or gates on log p, EM
+      responsibilities computed from log p (even under stop_gradient): there the gradients
+      depend on the log-det values. A batch mean or sum of log-likelihoods, constant weights
+      and masks do not need it.
     require_log_det: refuse a loss that applies a flow layer but never uses its
       log|det W| (a likelihood without it is wrong); pass False for a loss that truly does
       not contain it.
@@ -167,15 +171,8 @@ def _relative_pass_fn(
         **kwargs,
       )
 
-    applied_layers = set()
-
-    def record_flow_layers(next_fun, args, kwargs, context):
-      if isinstance(context.module, FlowDense) and context.method_name == "__call__":
-        applied_layers.add(tuple(context.module.path))
-      return next_fun(*args, **kwargs)
-
     def discover(params):
-      with relative_pass(own_gradients), nn.intercept_methods(record_flow_layers):
+      with relative_pass(own_gradients, sys._getframe()):
         return apply(params, None, [INTERMEDIATES, PERTURBATIONS])[1].get(PERTURBATIONS, {})
 
     try:
@@ -192,9 +189,7 @@ def _relative_pass_fn(
       if not _looks_like_lifted_axes(error):
         raise
       raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
-    placeholders = make_placeholders(
-      discovered, params, applied_layers, exact_loss, require_log_det
-    )
+    placeholders = make_placeholders(discovered, params, exact_loss, require_log_det)
 
     def loss_and_state(params, perturbations):
       with relative_pass(own_gradients):
@@ -213,6 +208,10 @@ def _relative_pass_fn(
       preactivations = jax.tree_util.tree_map(lambda p: p + jnp.zeros((), p.dtype), preactivations)
     except _LEAKED_TRACER as error:
       raise ValueError(RAW_TRANSFORM) from error
+    except (IndexError, ValueError) as error:
+      if not _looks_like_lifted_axes(error):
+        raise
+      raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
     value = (output, new_state) if mutable else output
     direct_grads = None
     if own_gradients:
@@ -227,12 +226,11 @@ _LEAKED_TRACER = (jax.errors.UnexpectedTracerError, flax.errors.JaxTransformErro
 
 RAW_TRANSFORM = (
   "value_and_relative_grad: a flow layer leaked a traced value out of a JAX transform: the loss "
-  "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint, where Flax cannot record "
-  "its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
+  "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint (or, with older Flax, "
+  "inside nn.cond or nn.switch: apply the flows outside and select with jnp.where), where "
+  "Flax cannot record its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
   "with variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
-  "variable_broadcast='params' for one flow shared by every step). A loss that differentiates "
-  "through the flow (jax.grad or jax.jacfwd of log_prob: score or gradient penalties) is "
-  "outside the relative gradient's contract: train it with jax.value_and_grad."
+  "variable_broadcast='params' for one flow shared by every step)."
 )
 
 LIFTED_AXES = (
@@ -240,14 +238,22 @@ LIFTED_AXES = (
   "layer inside nn.vmap or nn.scan, check their axes. "
   "The relative gradient needs 'intermediates' and 'perturbations' on axis 0, and 'params' on "
   "axis 0 (one flow per index) or broadcast (variable_broadcast='params', one flow shared), "
-  "e.g. nn.vmap(..., variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0})"
+  "e.g. nn.vmap(..., variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0}). "
+  "One flow layer applied both inside and outside nn.scan or nn.vmap, or in two of them of "
+  "different lengths, cannot keep one record of its pre-activations: apply it to all the "
+  "inputs in one place, or give each place its own flow"
 )
 
 
 def _looks_like_lifted_axes(error: Exception) -> bool:
-  """Whether an error of the discovery pass is what Flax's lifted transforms raise for a
-  collection on the wrong axis (the library's own checks raise neither of these)."""
-  return isinstance(error, IndexError) or "out of bounds" in str(error)
+  """Whether an error of a pass is what Flax's lifted transforms raise for a collection on
+  the wrong axis, or for one layer's record stacked in several ways (the library's own checks
+  raise neither of these)."""
+  return (
+    isinstance(error, IndexError)
+    or "out of bounds" in str(error)
+    or "different leading axis sizes" in str(error)
+  )
 
 
 def _check_model_state(model_state: PyTree, mutable: Sequence[str]) -> dict[str, Any]:

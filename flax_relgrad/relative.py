@@ -18,13 +18,18 @@ whose pass returns that gradient alone in the flow leaves) puts the sum in place
 tree's flow-layer leaves; `checked_relative_gradients` (for `relative_jacobian()`, which
 receives the whole Euclidean gradient and finds that part in `RelativeArgs.direct_grads`)
 does the same and adds the transform's run-time check. What both bindings' passes
-share is here too: `make_placeholders` (zero perturbations and log-det placeholders) and
-`check_scalar_loss`.
+share is here too: `make_placeholders` (zero perturbations and log-det placeholders),
+`check_scalar_loss`, `enclosing_sources` (what a layer is applied under) and
+`refuse_differentiation` (the pass's results are not differentiable).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Mapping
+import os
+import sys
+import types
 from typing import Any, NamedTuple
 
 import flax.traverse_util
@@ -363,6 +368,7 @@ def _layer_updates(params: PyTree, relative_args: RelativeArgs) -> list[_LayerUp
     log_det_grad = flat_perturbations.get(layer_path + (LOG_ABS_DET,))
     ys = flat_intermediates.get(layer_path + (PREACTIVATION,))
     kernel, bias, log_det_grad = _check_layer(layer, layer_params, ys, deltas, log_det_grad)
+    kernel, bias = refuse_differentiation((kernel, bias))
     stacked = kernel.ndim - 2
     width = kernel.shape[-1]
 
@@ -465,7 +471,6 @@ def _check_layer(
 def make_placeholders(
   discovered: PyTree,
   params: PyTree,
-  applied_layers: set[tuple[str, ...]],
   exact_loss: bool,
   require_log_det: bool,
 ) -> PyTree:
@@ -474,15 +479,6 @@ def make_placeholders(
   placeholders filled in (both bindings' passes)."""
   flat = flax.traverse_util.flatten_dict(discovered)
   layers = {path[:-1] for path in flat if path[-1] in (PREACTIVATION, LOG_ABS_DET)}
-  untracked = applied_layers - {path[:-1] for path in flat if path[-1] == PREACTIVATION}
-  if untracked:
-    raise ValueError(
-      f"value_and_relative_grad: flow layers {sorted('/'.join(p) for p in untracked)} were "
-      "applied where the relative-gradient collections do not reach them: inside nn.vmap or "
-      "nn.scan, list 'intermediates' and 'perturbations' in variable_axes with the same "
-      "axis as 'params' (0), e.g. variable_axes={'params': 0, 'intermediates': 0, "
-      "'perturbations': 0}."
-    )
   if not layers:
     raise ValueError(
       "value_and_relative_grad: the loss applies no flow layer (FlowDense); the relative "
@@ -542,3 +538,58 @@ def check_scalar_loss(loss: Any) -> None:
       f"value_and_relative_grad: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}"
       " (reduce over the batch, e.g. with .mean(); with has_aux=True return (loss, aux))."
     )
+
+
+def enclosing_sources(stop: types.FrameType | None) -> Iterator[tuple[str, types.FrameType]]:
+  """(source file, with '/' separators; frame) of every frame that called the caller, from
+  the innermost outward, up to but not including `stop` (all of them if `stop` is None).
+
+  JAX traces a function under a transform (differentiation, a loop) through Python, so the
+  transform's own functions are on the call stack between the loss and a flow layer it
+  applies: the passes read from here what a layer is applied under."""
+  frame: types.FrameType | None = sys._getframe(2)
+  while frame is not None and frame is not stop:
+    yield frame.f_code.co_filename.replace(os.sep, "/"), frame
+    frame = frame.f_back
+
+
+def differentiates(source: str, frame: types.FrameType) -> bool:
+  """Whether `frame` (from `enclosing_sources`) is JAX differentiating the function it traces
+  (jax.grad, jax.vjp, jax.jvp, jax.jacfwd, and Flax's lifted nn.grad, nn.vjp, nn.jvp,
+  nnx.grad): a function of JAX's autodiff interpreter, or jax.jvp's and jax.linearize's own
+  frames (older JAX runs the traced function of forward mode from outside the interpreter)."""
+  return source.endswith("jax/_src/interpreters/ad.py") or (
+    source.endswith("jax/_src/api.py") and frame.f_code.co_name in ("_jvp", "linearize")
+  )
+
+
+DIFFERENTIATED_PASS = (
+  "value_and_relative_grad: its result is being differentiated with respect to flow layers' "
+  "params (jax.grad or jax.jvp through a training step: meta-learning, unrolled optimisation, "
+  "a hypergradient). The pass reads every flow layer's W and b through stop_gradient, so "
+  "those derivatives would be wrong. Differentiate through a step that uses "
+  "jax.value_and_grad of the exact loss instead."
+)
+
+
+@jax.custom_jvp
+def _undifferentiable(arrays: list[jax.Array]) -> list[jax.Array]:
+  return arrays
+
+
+@_undifferentiable.defjvp
+def _refuse_jvp(primals: tuple[list[jax.Array]], tangents: tuple[list[jax.Array]]) -> Any:
+  raise ValueError(DIFFERENTIATED_PASS)
+
+
+def refuse_differentiation(tree: PyTree) -> PyTree:
+  """`tree` unchanged, except that differentiating through any of its arrays (forward or
+  reverse mode, at any depth of jax.jit) raises `DIFFERENTIATED_PASS` instead of giving a
+  wrong derivative. Free at run time: the identity, with a differentiation rule that refuses.
+  The rewrite reads every flow layer's W and b through it: the pass reads them through
+  `stop_gradient`, so derivatives with respect to them would miss its part."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+  for i, guarded in zip(where, _undifferentiable([leaves[i] for i in where]), strict=True):
+    leaves[i] = guarded
+  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -17,8 +17,10 @@ is the one `relative_args` were made with (each flow leaf equal to the layer's o
 plus the direct one, within rounding; the params by the inner product ⟨zᵀδ, W⟩ = Σ (y − b)·δ),
 and raises otherwise: gradients scaled, clipped, decayed, accumulated (`optax.MultiSteps`
 around it) or averaged across devices before it, another transform before it in the chain,
-`relative_args` from another batch, or other params. Missing, foreign or empty
-`relative_args` and missing `params` raise at once. All of these name the fix: put
+`relative_args` from another batch, or other params (a `ValueError`; under `jax.jit`, where
+XLA runs the check in a callback, a `jax.errors.JaxRuntimeError` with the same message).
+Missing, foreign or empty `relative_args` and missing `params` raise at once. All of these
+name the fix: put
 `relative_jacobian()` first, directly on the gradients of `value_grad_and_relative_args`, and
 scale, clip, accumulate or average after it (the relative gradient is linear in the Euclidean
 one, so that stays exact).

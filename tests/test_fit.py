@@ -1,5 +1,6 @@
 """fr.fit on in-memory arrays: raises held-out likelihood, stops early, keeps the best epoch."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,3 +197,37 @@ def test_fit_bfloat16_params_and_float64_data_keep_the_param_dtypes():
     jnp.dtype(jnp.float32)
   }
   assert np.isfinite(result.history["validation_nll"][0])
+
+
+class _WithBatchNorm(nn.Module):
+  @nn.compact
+  def log_prob(self, x):
+    return fr.FlowMLP(2)(nn.BatchNorm(use_running_average=False)(x))
+
+
+class _WithDropout(nn.Module):
+  @nn.compact
+  def log_prob(self, x):
+    return fr.FlowMLP(2).log_prob(nn.Dropout(0.1, deterministic=False)(x))
+
+
+def test_fit_says_what_it_supports_for_state_rngs_and_relative_jacobian():
+  """A model with batch statistics or dropout, or an optimizer that holds relative_jacobian(),
+  got errors that named arguments fit does not have (model_state, rngs, relative_args) or a
+  raw InvalidRngError; now each says what fit trains and where to go instead."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 3))
+  flow = fr.FlowMLP(2)
+  flow_params = flow.init(jax.random.PRNGKey(1), x[:2])["params"]
+  relative_chain = optax.chain(fr.relative_jacobian(), optax.adam(1e-3))
+  batch_norm = _WithBatchNorm()
+  dropout = _WithDropout()
+  init = lambda model, **rngs: model.init(
+    {"params": jax.random.PRNGKey(1), **rngs}, x[:2], method="log_prob"
+  )["params"]
+  for model, params, optimizer in (
+    (flow, flow_params, relative_chain),
+    (batch_norm, init(batch_norm), None),
+    (dropout, init(dropout, dropout=jax.random.PRNGKey(2)), None),
+  ):
+    with pytest.raises(ValueError, match="fit trains a flow whose variables are its params only"):
+      fr.fit(model, params, x[:48], x[48:], optimizer=optimizer, batch_size=16, progress=False)

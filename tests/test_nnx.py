@@ -617,6 +617,25 @@ def test_transforms_that_share_copy_or_differentiate_a_layer_are_refused():
         transform(loss)(model, x)
 
 
+def test_differentiating_through_the_relative_gradient_is_refused():
+  """nnx.grad through a step that uses the relative gradient (meta-learning) got wrong
+  derivatives (the pass reads W and b through stop_gradient); now it raises."""
+  model = frn.FlowMLP(3, 2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
+
+  def validation_after_step(m, x):
+    grads = frn.value_and_relative_grad(nll)(m, x)[1]
+    params = nnx.state(m, nnx.Param)
+    stepped = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+    copy = nnx.clone(m)
+    nnx.update(copy, stepped)
+    return nll(copy, x)
+
+  assert np.isfinite(validation_after_step(model, x))
+  with pytest.raises(ValueError, match="its result is being differentiated"):
+    nnx.grad(validation_after_step)(model, x)
+
+
 def test_keyword_arguments_and_aux_without_has_aux():
   """Keyword arguments reach the loss (keyword-only ones too); (loss, aux) without has_aux
   names the flag instead of a JAX tracer error."""

@@ -558,3 +558,195 @@ def test_unclear_transform_errors_become_clear():
     params = model.init(jax.random.PRNGKey(0), x, method=init_method)["params"]
     with pytest.raises(ValueError, match=message):
       fr.value_and_relative_grad(model, mean_nll)(params, x)
+
+
+class _Penalised(nn.Module):
+  """A flow and the losses with which helpers trying the API got a wrong relative gradient
+  without an error; each is now refused."""
+
+  def setup(self):
+    self.flow = fr.FlowMLP(2, fr.SmoothLeakyReLU(0.5))
+
+  def log_prob(self, x):
+    return self.flow.log_prob(x)
+
+  def lifted_grad_penalty(self, x):  # a score penalty through Flax's lifted nn.grad
+    score = nn.grad(lambda flow, x: flow.log_prob(x).sum(), self.flow, x)[0]
+    return -self.log_prob(x).mean() + 0.1 * (score**2).sum(-1).mean()
+
+  def lifted_vjp_penalty(self, x):
+    log_p, vjp = nn.vjp(lambda flow, x: flow.log_prob(x), self.flow, x)
+    score = vjp(jnp.ones_like(log_p))[1]
+    return -log_p.mean() + 0.1 * (score**2).sum(-1).mean()
+
+  def lifted_jvp_penalty(self, x):
+    zero = {"params": jax.tree_util.tree_map(jnp.zeros_like, self.flow.variables["params"])}
+    log_p, tangent = nn.jvp(
+      lambda flow, x: flow.log_prob(x), self.flow, (x,), (jnp.ones_like(x),), zero
+    )
+    return -log_p.mean() + 0.1 * (tangent**2).mean()
+
+  def raw_grad_penalty(self, x):
+    score = jax.grad(lambda x: self.log_prob(x).sum())(x)
+    return -self.log_prob(x).mean() + 0.1 * (score**2).sum(-1).mean()
+
+
+class _MappedFlow(nn.Module):
+  """A flow applied under nn.map_variables with `map_in` on `collection`."""
+
+  map_in: object
+  collection: str = "params"
+
+  @nn.compact
+  def log_prob(self, x):
+    mapped = nn.map_variables(
+      fr.FlowMLP,
+      self.collection,
+      trans_in_fn=self.map_in,
+      init=self.is_initializing(),
+      methods=["log_prob"],
+    )
+    return mapped(2, name="flow").log_prob(x)
+
+
+def test_losses_that_would_get_a_wrong_relative_gradient_are_refused():
+  """Each of these losses got an update far from Ŵ Ŵᵀ Ĝ (18–75 % off) without an error:
+  a nested model.apply or model.bind in the loss, differentiation through the flow (Flax's
+  lifted nn.grad, nn.vjp, nn.jvp, or jax.grad), and nn.map_variables that changes the
+  params (a frozen copy got a non-zero update)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
+  model = _Penalised()
+  params = perturbed_init(model, x, seed=1, method="log_prob")
+  log_p = jax.jit(lambda variables, x: model.apply(variables, x, method="log_prob"))
+
+  cases = [
+    (lambda m, x: -m.log_prob(x).mean() - log_p(m.variables, 2 * x).mean(), "nested model.apply"),
+    (lambda m, x: -model.bind(m.variables).log_prob(x).mean(), "nested model.apply"),
+  ]
+  for method in ("lifted_grad", "lifted_vjp", "lifted_jvp", "raw_grad"):
+    cases.append((getattr(_Penalised, f"{method}_penalty"), "differentiates through flow layer"))
+  for loss_fn, message in cases:
+    with pytest.raises(ValueError, match=message):
+      fr.value_and_relative_grad(model, loss_fn)(params, x)
+
+  for map_in in (jax.lax.stop_gradient, lambda v: jax.tree_util.tree_map(lambda a: 2 * a, v)):
+    mapped = _MappedFlow(map_in)
+    mapped_params = perturbed_init(mapped, x, seed=2, method="log_prob")
+    with pytest.raises(ValueError, match="under nn.map_variables that maps its params"):
+      fr.value_and_relative_grad(mapped, mean_nll)(mapped_params, x)
+
+
+def test_a_map_of_another_collection_around_a_flow_stays_exact():
+  """nn.map_variables of a collection other than 'params' leaves the flow's params as
+  stored: its relative gradient is still Ŵ Ŵᵀ Ĝ (float64)."""
+  with enable_x64():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 3), jnp.float64)
+    model = _MappedFlow(lambda v: v, collection="batch_stats")
+    params = jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64), perturbed_init(model, x, seed=3, method="log_prob")
+    )
+    _, grads = fr.value_and_relative_grad(model, mean_nll)(params, x)
+    exact = jax.grad(lambda p: model.apply({"params": p}, x, method=mean_nll))(params)
+    for name in ("layers_0", "layers_1"):
+      layer, layer_grad = params["flow"][name], exact["flow"][name]
+      kernel, bias = brute_force_relative_gradient(
+        layer["kernel"], layer["bias"], layer_grad["kernel"], layer_grad["bias"]
+      )
+      np.testing.assert_allclose(grads["flow"][name]["kernel"], kernel, rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(grads["flow"][name]["bias"], bias, rtol=1e-12, atol=1e-14)
+
+
+def test_differentiating_through_the_relative_gradient_is_refused():
+  """jax.grad or jax.jvp through a step that uses the relative gradient (meta-learning) got
+  wrong derivatives, because the pass reads W and b through stop_gradient; now they raise,
+  also under jit and through value_grad_and_relative_args. The step itself still runs."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
+  model = fr.FlowMLP(2)
+  params = perturbed_init(model, x, seed=4)
+  relative = fr.value_and_relative_grad(model, mean_nll)
+  with_args = fr.value_grad_and_relative_args(model, mean_nll)
+  tx = optax.chain(fr.relative_jacobian(), optax.sgd(0.1))
+
+  def validation_after_step(p):
+    grads = relative(p, x)[1]
+    stepped = jax.tree_util.tree_map(lambda a, g: a - 0.1 * g, p, grads)
+    return model.apply({"params": stepped}, x, method=mean_nll)
+
+  def validation_after_transform(p):
+    _, grads, relative_args = with_args(p, x)
+    updates, _ = tx.update(grads, tx.init(p), p, relative_args=relative_args)
+    return model.apply({"params": optax.apply_updates(p, updates)}, x, method=mean_nll)
+
+  np.testing.assert_allclose(
+    validation_after_step(params), validation_after_transform(params), rtol=1e-5
+  )
+  tangents = jax.tree_util.tree_map(jnp.ones_like, params)
+  for differentiate in (
+    lambda: jax.grad(validation_after_step)(params),
+    lambda: jax.grad(jax.jit(validation_after_step))(params),
+    lambda: jax.jvp(lambda p: relative(p, x)[1], (params,), (tangents,)),
+    lambda: jax.grad(lambda p: relative(p, x)[0])(params),
+    lambda: jax.grad(validation_after_transform)(params),
+  ):
+    with pytest.raises(ValueError, match="its result is being differentiated"):
+      differentiate()
+
+
+_SHARED_SCAN = dict(
+  variable_broadcast="params",
+  variable_axes={"intermediates": 0, "perturbations": 0},
+  split_rngs={"params": False},
+  in_axes=1,
+  out_axes=1,
+)
+
+
+class _Branches(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    flows = fr.FlowMLP(1, name="first"), fr.FlowMLP(1, name="second")
+    if self.is_initializing():
+      return flows[0].log_prob(x) + flows[1].log_prob(x)
+    return nn.cond(
+      True, lambda _, x: flows[0].log_prob(x), lambda _, x: flows[1].log_prob(x), self, x
+    )
+
+
+class _ScannedAndOutside(nn.Module):
+  outside_first: bool
+
+  def setup(self):
+    self.flow = fr.FlowMLP(1)
+
+  def __call__(self, xs):
+    scan = nn.scan(lambda f, c, x_t: (c, f.log_prob(x_t)), **_SHARED_SCAN)
+    if self.outside_first:
+      outside = self.flow.log_prob(xs[:, 0])
+      return outside + scan(self.flow, 0.0, xs[:, 1:])[1].sum(-1)
+    inside = scan(self.flow, 0.0, xs[:, 1:])[1].sum(-1)
+    return inside + self.flow.log_prob(xs[:, 0])
+
+
+class _TwoScans(nn.Module):
+  def setup(self):
+    self.flow = fr.FlowMLP(1)
+
+  def __call__(self, xs):
+    scan = nn.scan(lambda f, c, x_t: (c, f.log_prob(x_t)), **_SHARED_SCAN)
+    return scan(self.flow, 0.0, xs[:, :1])[1].sum(-1) + scan(self.flow, 0.0, xs[:, 1:])[1].sum(-1)
+
+
+def test_flows_in_branches_or_in_scans_of_two_shapes_get_errors_that_say_what_to_do():
+  """nn.cond between flows said "raw jax.lax.scan"; one flow inside nn.scan and outside it, or
+  in two scans of different lengths, raised Flax's IndexError or "different leading axis
+  sizes". Each now says what to do."""
+  x, xs = jnp.ones((5, 2)), jax.random.normal(jax.random.PRNGKey(0), (5, 4, 2))
+  for model, inputs, message in (
+    (_Branches(), x, "inside nn.cond or nn.switch"),  # older Flax: leaks a tracer, same words
+    (_ScannedAndOutside(False), xs, "both inside and outside nn.scan"),
+    (_ScannedAndOutside(True), xs, "both inside and outside nn.scan"),
+    (_TwoScans(), xs, "in two of them of different lengths"),
+  ):
+    params = model.init(jax.random.PRNGKey(1), inputs)["params"]
+    with pytest.raises(ValueError, match=message):
+      fr.value_and_relative_grad(model, lambda m, x: -m(x).mean())(params, inputs)

@@ -81,7 +81,8 @@ INVERSE_IN_RELATIVE_PASS = (
   "the loss runs a flow layer backwards (inverse or sample). The relative gradient covers a "
   "loss that depends on a layer through its output and its log|det W| only; for "
   "sampling-based losses (reverse KL, variational inference) take the ordinary gradient "
-  "(jax.value_and_grad, nnx.value_and_grad)."
+  "(jax.value_and_grad, nnx.value_and_grad); draw a frozen model's samples outside the loss "
+  "and pass them in."
 )
 """The end of the error a binding raises when a relative-gradient loss calls `inverse`."""
 
