@@ -148,34 +148,41 @@ class FlowDense(DenseMethods, nn.Module):
     )
     bias = self.param("bias", self.bias_init, (width,), self.param_dtype) if self.use_bias else None
     if _IN_RELATIVE_PASS.get() and not self.is_initializing():
-      self._refuse_unrecordable_use()
+      self._refuse_unrecordable_use(kernel)
       kernel, bias = self._relative_pass_params(kernel, bias)
     y = z @ kernel
     if bias is not None:
       y = y + bias
     return self._track_preactivation(y)
 
-  def _refuse_unrecordable_use(self) -> None:
+  def _refuse_unrecordable_use(self, kernel: jax.Array) -> None:
     """Refuses, in the relative-gradient pass, an application whose update would be wrong:
-    one where the layer cannot record y (a nested `model.apply` inside the loss, a lifted
-    transform without the pass's collections), and, in the discovery pass, one under
-    differentiation (`nn.grad`, `nn.vjp`, `nn.jvp`, `jax.grad`), under `nn.map_variables`
-    that changes its params (the update is for the params as stored), or in a branch of
-    `nn.cond` or `nn.switch` (which would leak the pass's tracers)."""
+    in a scope the pass did not make (a nested `model.apply` or `model.bind` inside the
+    loss) or one that does not carry both of its collections (a lifted transform without
+    them), under differentiation (`nn.grad`, `nn.vjp`, `nn.jvp`, `jax.grad`: the layer's y
+    would not be the loss's only use of W), or under `nn.map_variables` that changes its
+    kernel (the update is for the params as stored). The discovery pass, which runs first
+    on the same loss, makes the checks that walk the call stack."""
     name = "/".join(self.path)
-    if not self.is_mutable_collection(INTERMEDIATES):
+    discovery_frame = _DISCOVERY_FRAME.get()
+    carried = self.is_mutable_collection(INTERMEDIATES) and (
+      self.is_mutable_collection(PERTURBATIONS) == (discovery_frame is not None)
+    )
+    if not carried:
       raise ValueError(
         (NOT_CARRIED if _under_lifted_transform() else NESTED_APPLY).format(name=name)
       )
-    if not self.is_mutable_collection(PERTURBATIONS):
+    if discovery_frame is None:
       return
-    for source, frame in enclosing_sources(_DISCOVERY_FRAME.get()):
+    applies = 0
+    for source, frame in enclosing_sources(discovery_frame):
       if differentiates(source, frame):
         raise ValueError(DIFFERENTIATED.format(name=name))
-      if source.endswith(_LIFT_SOURCE) and _maps_params(frame):
+      if source.endswith(_LIFT_SOURCE) and _maps_kernel(frame, kernel):
         raise ValueError(MAPPED_PARAMS.format(name=name))
-      if source.endswith(_LIFT_SOURCE) and frame.f_code.co_name == "branch_wrapper":
-        raise ValueError(BRANCHED.format(name=name))
+      applies += _is_module_apply(source, frame)
+    if applies > 1:
+      raise ValueError(NESTED_APPLY.format(name=name))
 
   def _relative_pass_params(
     self, kernel: jax.Array, bias: jax.Array | None
@@ -268,13 +275,11 @@ MAPPED_PARAMS = (
   "copy's outputs outside the loss; reparameterise outside the flow layers."
 )
 
-BRANCHED = (
-  "value_and_relative_grad: flow layer '{name}' is applied inside nn.cond or nn.switch, whose "
-  "branches cannot carry the pass's record of its pre-activations. Apply the flows outside the "
-  "conditional and select their outputs with jnp.where (or weigh each log p by a mask)."
-)
-
 _LIFT_SOURCE = "flax/core/lift.py"
+
+
+def _is_module_apply(source: str, frame: types.FrameType) -> bool:
+  return source.endswith("flax/linen/module.py") and frame.f_code.co_name == "apply"
 
 
 def _under_lifted_transform() -> bool:
@@ -283,20 +288,25 @@ def _under_lifted_transform() -> bool:
   for source, frame in enclosing_sources(None):
     if source.endswith(_LIFT_SOURCE):
       return True
-    if source.endswith("flax/linen/module.py") and frame.f_code.co_name == "apply":
+    if _is_module_apply(source, frame):
       return False
   return False
 
 
-def _maps_params(frame: types.FrameType) -> bool:
+def _maps_kernel(frame: types.FrameType, kernel: jax.Array) -> bool:
   """Whether `frame` runs Flax's `lift.map_variables` with a map of the 'params' collection
-  (the function that applies the map closes over `map_in_fn` and `mapped_collections`)."""
+  that changed `kernel` (the function that applies the map closes over `map_in_fn` and
+  `mapped_collections`; its argument `variable_groups` holds the variables before the map,
+  so an unchanged kernel is one of their leaves)."""
   if "map_in_fn" not in frame.f_code.co_freevars:
     return False
   mapped = frame.f_locals.get("mapped_collections")
-  return frame.f_locals.get("map_in_fn") is not flax.core.lift.id_fn and (
+  if frame.f_locals.get("map_in_fn") is flax.core.lift.id_fn or not (
     mapped is not None and flax.core.scope.in_filter(mapped, "params")
-  )
+  ):
+    return False
+  before = frame.f_locals.get("variable_groups", ((),))[0]
+  return not any(leaf is kernel for leaf in jax.tree_util.tree_leaves(before))
 
 
 class DiagonalGaussian(nn.Module):

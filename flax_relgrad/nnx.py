@@ -603,7 +603,10 @@ def value_and_relative_grad(
   - The loss may apply flows under `nnx.jit`, `nnx.remat`, `nnx.cond`, `nnx.vmap` of flows
     stacked on axis 0 and `nnx.scan` over such a stack. A layer shared by the steps of a loop,
     a copy of the model whose state does not come back (`nnx.clone`), or differentiation
-    through a flow inside the loss raises a `ValueError`: the update would be wrong.
+    through a flow inside the loss raises a `ValueError`: the update would be wrong. So does
+    differentiating `grads` with respect to flow params (meta-learning through a step); the
+    raw outputs of `value_grad_and_relative_args` have zero derivatives with respect to
+    them instead (they are for `relative_jacobian()`, whose updates refuse it too).
 
   Args:
     loss_fn: `loss_fn(model, *args, **kwargs)`.

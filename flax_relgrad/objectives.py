@@ -30,6 +30,7 @@ from flax_relgrad.relative import RelativeArgs
 from flax_relgrad.relative import add_own_gradients
 from flax_relgrad.relative import check_scalar_loss
 from flax_relgrad.relative import make_placeholders
+from flax_relgrad.relative import refuse_differentiation_of_flow_params
 from flax_relgrad.relative import relative_gradients
 
 LossFn = Callable[..., Any]
@@ -190,6 +191,7 @@ def _relative_pass_fn(
         raise
       raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
     placeholders = make_placeholders(discovered, params, exact_loss, require_log_det)
+    params = refuse_differentiation_of_flow_params(params, discovered)
 
     def loss_and_state(params, perturbations):
       with relative_pass(own_gradients):
@@ -226,11 +228,12 @@ _LEAKED_TRACER = (jax.errors.UnexpectedTracerError, flax.errors.JaxTransformErro
 
 RAW_TRANSFORM = (
   "value_and_relative_grad: a flow layer leaked a traced value out of a JAX transform: the loss "
-  "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint (or, with older Flax, "
-  "inside nn.cond or nn.switch: apply the flows outside and select with jnp.where), where "
-  "Flax cannot record its pre-activations. Use Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) "
-  "with variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
-  "variable_broadcast='params' for one flow shared by every step)."
+  "applies it inside a raw jax.lax.scan, jax.vmap or jax.checkpoint, or a branch of nn.cond or "
+  "nn.switch applies a flow it closes over, where Flax cannot record its pre-activations. Use "
+  "Flax's lifted transforms in the module (nn.scan, nn.vmap, nn.remat) with "
+  "variable_axes={'intermediates': 0, 'perturbations': 0} (and 'params': 0, or "
+  "variable_broadcast='params' for one flow shared by every step), and pass a flow to nn.cond "
+  "or nn.switch as their module argument."
 )
 
 LIFTED_AXES = (

@@ -593,3 +593,18 @@ def refuse_differentiation(tree: PyTree) -> PyTree:
   for i, guarded in zip(where, _undifferentiable([leaves[i] for i in where]), strict=True):
     leaves[i] = guarded
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def refuse_differentiation_of_flow_params(params: PyTree, discovered: PyTree) -> PyTree:
+  """`params` with the kernel and bias of every layer in `discovered` (the discovery pass's
+  `{layer path: ...}`) behind `refuse_differentiation`: the pass's raw results (its loss,
+  Euclidean grads and `RelativeArgs`) then refuse differentiation with respect to them too."""
+  layers = {path[:-1] for path in flax.traverse_util.flatten_dict(discovered)}
+
+  def guard(key_path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+    path = _path(key_path)
+    if path[:-1] in layers and path[-1] in ("kernel", "bias"):
+      return refuse_differentiation(leaf)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(guard, params)

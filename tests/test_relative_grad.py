@@ -619,9 +619,21 @@ def test_losses_that_would_get_a_wrong_relative_gradient_are_refused():
   params = perturbed_init(model, x, seed=1, method="log_prob")
   log_p = jax.jit(lambda variables, x: model.apply(variables, x, method="log_prob"))
 
+  recording = lambda variables, x, mutable: model.apply(
+    variables, x, method="log_prob", mutable=mutable
+  )[0]
   cases = [
     (lambda m, x: -m.log_prob(x).mean() - log_p(m.variables, 2 * x).mean(), "nested model.apply"),
     (lambda m, x: -model.bind(m.variables).log_prob(x).mean(), "nested model.apply"),
+    (lambda m, x: -recording(m.variables, x, ["intermediates"]).mean(), "nested model.apply"),
+    (lambda m, x: -recording(m.variables, x, True).mean(), "nested model.apply"),
+    (
+      lambda m, x: (
+        -m.log_prob(x).mean()
+        - model.bind(m.variables, mutable=["intermediates"]).log_prob(2 * x).mean()
+      ),
+      "nested model.apply",
+    ),
   ]
   for method in ("lifted_grad", "lifted_vjp", "lifted_jvp", "raw_grad"):
     cases.append((getattr(_Penalised, f"{method}_penalty"), "differentiates through flow layer"))
@@ -636,12 +648,13 @@ def test_losses_that_would_get_a_wrong_relative_gradient_are_refused():
       fr.value_and_relative_grad(mapped, mean_nll)(mapped_params, x)
 
 
-def test_a_map_of_another_collection_around_a_flow_stays_exact():
-  """nn.map_variables of a collection other than 'params' leaves the flow's params as
-  stored: its relative gradient is still Ŵ Ŵᵀ Ĝ (float64)."""
+@pytest.mark.parametrize("collection", ["params", "batch_stats"])
+def test_maps_that_leave_the_flow_params_alone_stay_exact(collection):
+  """nn.map_variables of another collection, or of 'params' that leaves the flow's leaves as
+  they are, is not refused: the relative gradient is still Ŵ Ŵᵀ Ĝ (float64)."""
   with enable_x64():
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 3), jnp.float64)
-    model = _MappedFlow(lambda v: v, collection="batch_stats")
+    model = _MappedFlow(lambda v: v, collection=collection)
     params = jax.tree_util.tree_map(
       lambda a: a.astype(jnp.float64), perturbed_init(model, x, seed=3, method="log_prob")
     )
@@ -687,6 +700,7 @@ def test_differentiating_through_the_relative_gradient_is_refused():
     lambda: jax.jvp(lambda p: relative(p, x)[1], (params,), (tangents,)),
     lambda: jax.grad(lambda p: relative(p, x)[0])(params),
     lambda: jax.grad(validation_after_transform)(params),
+    lambda: jax.grad(lambda p: with_args(p, x)[1]["layers_0"]["kernel"].sum())(params),
   ):
     with pytest.raises(ValueError, match="its result is being differentiated"):
       differentiate()
@@ -702,14 +716,20 @@ _SHARED_SCAN = dict(
 
 
 class _Branches(nn.Module):
+  """nn.cond between two uses of one flow; with `closed_over`, the branches apply the flow
+  they close over instead of the module nn.cond passes them."""
+
+  closed_over: bool = False
+
   @nn.compact
-  def __call__(self, x):
-    flows = fr.FlowMLP(1, name="first"), fr.FlowMLP(1, name="second")
+  def __call__(self, x, pred=True):
+    flow = fr.FlowMLP(1, name="flow")
     if self.is_initializing():
-      return flows[0].log_prob(x) + flows[1].log_prob(x)
-    return nn.cond(
-      True, lambda _, x: flows[0].log_prob(x), lambda _, x: flows[1].log_prob(x), self, x
-    )
+      return flow.log_prob(x)
+    if self.closed_over:
+      branches = (lambda _, x: flow.log_prob(x), lambda _, x: flow.log_prob(2 * x))
+      return nn.cond(pred, *branches, self, x)
+    return nn.cond(pred, lambda f, x: f.log_prob(x), lambda f, x: f.log_prob(2 * x), flow, x)
 
 
 class _ScannedAndOutside(nn.Module):
@@ -742,7 +762,7 @@ def test_flows_in_branches_or_in_scans_of_two_shapes_get_errors_that_say_what_to
   sizes". Each now says what to do."""
   x, xs = jnp.ones((5, 2)), jax.random.normal(jax.random.PRNGKey(0), (5, 4, 2))
   for model, inputs, message in (
-    (_Branches(), x, "inside nn.cond or nn.switch"),  # older Flax: leaks a tracer, same words
+    (_Branches(closed_over=True), x, "a branch of nn.cond or nn.switch"),
     (_ScannedAndOutside(False), xs, "both inside and outside nn.scan"),
     (_ScannedAndOutside(True), xs, "both inside and outside nn.scan"),
     (_TwoScans(), xs, "in two of them of different lengths"),
@@ -750,3 +770,27 @@ def test_flows_in_branches_or_in_scans_of_two_shapes_get_errors_that_say_what_to
     params = model.init(jax.random.PRNGKey(1), inputs)["params"]
     with pytest.raises(ValueError, match=message):
       fr.value_and_relative_grad(model, lambda m, x: -m(x).mean())(params, inputs)
+
+
+def test_a_flow_passed_to_nn_cond_is_exact():
+  """A flow passed to nn.cond as its module gets Ŵ Ŵᵀ Ĝ of the branch taken (float64);
+  under jit the predicate may be traced."""
+  with enable_x64():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 2), jnp.float64)
+    model = _Branches()
+    params = jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64), perturbed_init(model, x, seed=5)
+    )
+    loss = lambda m, x, pred: -m(x, pred).mean()
+    grad_fn = jax.jit(fr.value_and_relative_grad(model, loss))
+    for pred in (True, False):
+      _, grads = grad_fn(params, x, jnp.asarray(pred))
+      exact = jax.grad(lambda p, pred=pred: model.apply({"params": p}, x, pred, method=loss))(
+        params
+      )
+      layer, layer_grad = params["flow"]["layers_0"], exact["flow"]["layers_0"]
+      kernel, bias = brute_force_relative_gradient(
+        layer["kernel"], layer["bias"], layer_grad["kernel"], layer_grad["bias"]
+      )
+      np.testing.assert_allclose(grads["flow"]["layers_0"]["kernel"], kernel, rtol=1e-12)
+      np.testing.assert_allclose(grads["flow"]["layers_0"]["bias"], bias, rtol=1e-12)
