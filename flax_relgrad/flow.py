@@ -96,18 +96,15 @@ def relative_pass(
   under `kernel` and `bias`, whose gradient is the layer's own Euclidean one (zᵀδ, Σ δ).
   `discovery_frame`, the frame that applies the loss in the shape-only discovery pass,
   bounds the layers' search of the call stack for what they are applied under."""
-  tokens = (
-    _IN_RELATIVE_PASS.set(True),
-    _OWN_GRADIENTS.set(own_gradients),
-    _DISCOVERY_FRAME.set(discovery_frame),
-  )
+  in_pass = _IN_RELATIVE_PASS.set(True)
+  own = _OWN_GRADIENTS.set(own_gradients)
+  frame = _DISCOVERY_FRAME.set(discovery_frame)
   try:
     yield
   finally:
-    for variable, token in zip(
-      (_IN_RELATIVE_PASS, _OWN_GRADIENTS, _DISCOVERY_FRAME), tokens, strict=True
-    ):
-      variable.reset(token)  # type: ignore[attr-defined]
+    _DISCOVERY_FRAME.reset(frame)
+    _OWN_GRADIENTS.reset(own)
+    _IN_RELATIVE_PASS.reset(in_pass)
 
 
 class FlowDense(DenseMethods, nn.Module):

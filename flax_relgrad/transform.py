@@ -20,10 +20,9 @@ around it) or averaged across devices before it, another transform before it in 
 `relative_args` from another batch, or other params (a `ValueError`; under `jax.jit`, where
 XLA runs the check in a callback, a `jax.errors.JaxRuntimeError` with the same message).
 Missing, foreign or empty `relative_args` and missing `params` raise at once. All of these
-name the fix: put
-`relative_jacobian()` first, directly on the gradients of `value_grad_and_relative_args`, and
-scale, clip, accumulate or average after it (the relative gradient is linear in the Euclidean
-one, so that stays exact).
+name the fix: put `relative_jacobian()` first, directly on the gradients of
+`value_grad_and_relative_args`, and scale, clip, accumulate or average after it (the relative
+gradient is linear in the Euclidean one, so that stays exact).
 """
 
 from __future__ import annotations
