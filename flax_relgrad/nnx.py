@@ -87,6 +87,7 @@ from flax_relgrad.relative import check_scalar_loss
 from flax_relgrad.relative import differentiates
 from flax_relgrad.relative import enclosing_sources
 from flax_relgrad.relative import make_placeholders
+from flax_relgrad.relative import refuse_differentiation_of_flow_params
 from flax_relgrad.relative import relative_gradients
 
 Path = tuple[Any, ...]
@@ -604,9 +605,7 @@ def value_and_relative_grad(
     stacked on axis 0 and `nnx.scan` over such a stack. A layer shared by the steps of a loop,
     a copy of the model whose state does not come back (`nnx.clone`), or differentiation
     through a flow inside the loss raises a `ValueError`: the update would be wrong. So does
-    differentiating `grads` with respect to flow params (meta-learning through a step); the
-    raw outputs of `value_grad_and_relative_args` have zero derivatives with respect to
-    them instead (they are for `relative_jacobian()`, whose updates refuse it too).
+    differentiating the results with respect to flow params (meta-learning through a step).
 
   Args:
     loss_fn: `loss_fn(model, *args, **kwargs)`.
@@ -680,9 +679,16 @@ def _relative_pass_fn(
       discovered = _discover(model, loss_fn, args, kwargs, own_gradients)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       placeholders = make_placeholders(discovered, params, exact_loss, require_log_det)
-      (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
-        loss_and_preactivations, argnums=(0, 1), has_aux=True
-      )(model, placeholders, *args)
+      # The pass reads the flow params behind the guard, which leaves their values as they
+      # are; the model gets its own params back afterwards.
+      stored = nnx.state(model, nnx.Param)
+      nnx.update(model, refuse_differentiation_of_flow_params(stored, discovered))
+      try:
+        (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
+          loss_and_preactivations, argnums=(0, 1), has_aux=True
+        )(model, placeholders, *args)
+      finally:
+        nnx.update(model, stored)
     except flax.errors.TraceContextError as error:
       raise ValueError(RAW_TRANSFORM) from error
     except ValueError as error:

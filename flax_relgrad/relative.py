@@ -599,7 +599,7 @@ def refuse_differentiation_of_flow_params(params: PyTree, discovered: PyTree) ->
   """`params` with the kernel and bias of every layer in `discovered` (the discovery pass's
   `{layer path: ...}`) behind `refuse_differentiation`: the pass's raw results (its loss,
   Euclidean grads and `RelativeArgs`) then refuse differentiation with respect to them too."""
-  layers = {path[:-1] for path in flax.traverse_util.flatten_dict(discovered)}
+  layers = {tuple(map(str, path[:-1])) for path in flax.traverse_util.flatten_dict(discovered)}
 
   def guard(key_path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
     path = _path(key_path)

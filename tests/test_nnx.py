@@ -618,8 +618,9 @@ def test_transforms_that_share_copy_or_differentiate_a_layer_are_refused():
 
 
 def test_differentiating_through_the_relative_gradient_is_refused():
-  """nnx.grad through a step that uses the relative gradient (meta-learning) got wrong
-  derivatives (the pass reads W and b through stop_gradient); now it raises."""
+  """nnx.grad through a step that uses the relative gradient (meta-learning), or of the raw
+  outputs of value_grad_and_relative_args, got wrong derivatives (the pass reads W and b
+  through stop_gradient); now it raises."""
   model = frn.FlowMLP(3, 2, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
 
@@ -631,9 +632,16 @@ def test_differentiating_through_the_relative_gradient_is_refused():
     nnx.update(copy, stepped)
     return nll(copy, x)
 
+  def raw_grads_sum(m, x):
+    grads = frn.value_grad_and_relative_args(nll)(m, x)[1]
+    return sum(g.sum() for g in jax.tree_util.tree_leaves(grads))
+
   assert np.isfinite(validation_after_step(model, x))
-  with pytest.raises(ValueError, match="its result is being differentiated"):
-    nnx.grad(validation_after_step)(model, x)
+  kernel = model.layers[0].kernel[...]
+  for differentiated in (validation_after_step, raw_grads_sum):
+    with pytest.raises(ValueError, match="its result is being differentiated"):
+      nnx.grad(differentiated)(model, x)
+  assert model.layers[0].kernel[...] is kernel  # the pass gave the model its params back
 
 
 def test_keyword_arguments_and_aux_without_has_aux():
