@@ -246,8 +246,10 @@ class FlowDense(DenseMethods, nn.Module):
 NESTED_APPLY = (
   "value_and_relative_grad: flow layer '{name}' is applied in a nested model.apply(...) or "
   "model.bind(...) inside the loss, where the pass cannot record its pre-activations. Call "
-  "the bound module's methods in the loss instead (m.log_prob(x), m.flow(x)), and compute a "
-  "frozen copy's outputs outside the loss and pass them in."
+  "the bound module's methods in the loss instead (m.log_prob(x), m.flow(x)). For a frozen "
+  "flow, compute its outputs outside the loss and pass them in, or, where its input depends "
+  "on what trains (a fixed prior on an encoder's output), make it part of the model and "
+  "freeze its params with optax.multi_transform(..., optax.set_to_zero())."
 )
 
 NOT_CARRIED = (
