@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
+import contextlib
 import sys
 from typing import Any
 
@@ -176,20 +178,8 @@ def _relative_pass_fn(
       with relative_pass(own_gradients, sys._getframe()):
         return apply(params, None, [INTERMEDIATES, PERTURBATIONS])[1].get(PERTURBATIONS, {})
 
-    try:
+    with _flax_errors_explained():
       discovered = jax.eval_shape(discover, params)
-    except flax.errors.ScopeCollectionNotFound as error:
-      raise ValueError(
-        f"value_and_relative_grad: the loss reads a variable collection that was not passed ({error}). "
-        "Pass the model's other collections as model_state={'batch_stats': ...} (and "
-        "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
-      ) from error
-    except _LEAKED_TRACER as error:
-      raise ValueError(RAW_TRANSFORM) from error
-    except (IndexError, ValueError) as error:
-      if not _looks_like_lifted_axes(error):
-        raise
-      raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
     placeholders = make_placeholders(discovered, params, exact_loss, require_log_det)
     params = refuse_differentiation_of_flow_params(params, discovered)
 
@@ -201,19 +191,13 @@ def _relative_pass_fn(
       new_state = {name: state[name] for name in mutable if name in state}
       return loss, (output, new_state, _preactivations(state.get(INTERMEDIATES, {})))
 
-    try:
+    with _flax_errors_explained():
       (_, (output, new_state, preactivations)), (grads, perturbation_grads) = jax.value_and_grad(
         loss_and_state, argnums=(0, 1), has_aux=True
       )(params, placeholders)
       # A flow applied in a raw transform may sow a tracer of that (finished) transform
       # without an error; using it raises one here rather than in the rewrite.
       preactivations = jax.tree_util.tree_map(lambda p: p + jnp.zeros((), p.dtype), preactivations)
-    except _LEAKED_TRACER as error:
-      raise ValueError(RAW_TRANSFORM) from error
-    except (IndexError, ValueError) as error:
-      if not _looks_like_lifted_axes(error):
-        raise
-      raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
     value = (output, new_state) if mutable else output
     direct_grads = None
     if own_gradients:
@@ -246,6 +230,27 @@ LIFTED_AXES = (
   "different lengths, cannot keep one record of its pre-activations: apply it to all the "
   "inputs in one place, or give each place its own flow"
 )
+
+
+@contextlib.contextmanager
+def _flax_errors_explained() -> Iterator[None]:
+  """Turns what Flax raises for a loss the passes cannot run (a collection not passed, a flow
+  in a raw JAX transform, lifted transforms on the wrong axes) into errors that say what to
+  do; both passes apply the loss inside it."""
+  try:
+    yield
+  except flax.errors.ScopeCollectionNotFound as error:
+    raise ValueError(
+      f"value_and_relative_grad: the loss reads a variable collection that was not passed ({error}). "
+      "Pass the model's other collections as model_state={'batch_stats': ...} (and "
+      "mutable=['batch_stats'] if the loss updates them, as nn.BatchNorm does in training)."
+    ) from error
+  except _LEAKED_TRACER as error:
+    raise ValueError(RAW_TRANSFORM) from error
+  except (IndexError, ValueError) as error:
+    if not _looks_like_lifted_axes(error):
+      raise
+    raise ValueError(f"{LIFTED_AXES} (the error: {type(error).__name__}: {error})") from error
 
 
 def _looks_like_lifted_axes(error: Exception) -> bool:
