@@ -677,11 +677,12 @@ def _relative_pass_fn(
 
     try:
       discovered = _discover(model, loss_fn, args, kwargs, own_gradients)
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      placeholders = make_placeholders(discovered, params, exact_loss, require_log_det)
+      stored = nnx.state(model, nnx.Param)
+      placeholders = make_placeholders(
+        discovered, nnx.to_pure_dict(stored), exact_loss, require_log_det
+      )
       # The pass reads the flow params behind the guard, which leaves their values as they
       # are; the model gets its own params back afterwards.
-      stored = nnx.state(model, nnx.Param)
       nnx.update(model, refuse_differentiation_of_flow_params(stored, discovered))
       try:
         (_, (output, preactivations)), (grads, perturbation_grads) = nnx.value_and_grad(
